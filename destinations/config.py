@@ -1,0 +1,374 @@
+"""Config models: the YAML file is validated once here, at the edge, and passed in.
+
+Secrets are ``SecretStr``. In the file they are ``${ENV_VAR}`` or a Prefect Secret block
+reference (``{{ prefect.blocks.secret.NAME }}``); both are resolved when the config is
+loaded and live only in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+MAX_RATE_LIMIT = 10_000
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_BLOCK_REF = re.compile(r"^\{\{\s*prefect\.blocks\.secret\.([A-Za-z0-9_-]+)\s*\}\}$")
+_PATH_PART = r"[A-Za-z0-9_@$-][A-Za-z0-9_@$:-]*"
+ATTRIBUTE_PATH = re.compile(rf"^{_PATH_PART}(\.{_PATH_PART})*$")
+RESERVED_ROOTS = {"segmentMembership", "identityMap"}
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` holds ``(field path, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"{path}: {msg}" if path else msg for path, msg in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")
+
+
+def _resolve_secret(value: Any) -> Any:
+    """Turn an env or Prefect block reference into its value; plain text passes through."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if m := _ENV_REF.match(text):
+        name = m.group(1)
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+    if m := _BLOCK_REF.match(text):
+        name = m.group(1)
+        try:
+            from prefect.blocks.system import Secret
+
+            return str(Secret.load(name).get())
+        except Exception as exc:  # the block API's errors vary; name the block, not a value
+            raise ValueError(f"Prefect Secret block {name!r} could not be loaded "
+                             f"({type(exc).__name__})") from None
+    return value
+
+
+def is_reference(value: str) -> bool:
+    """True when a secret is written as a reference rather than inline."""
+    text = value.strip()
+    return bool(_ENV_REF.match(text) or _BLOCK_REF.match(text))
+
+
+Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret), Field(min_length=1)]
+
+
+def _check_path(path: str) -> str:
+    if not ATTRIBUTE_PATH.match(path):
+        raise ValueError(f"{path!r} is not a dotted attribute path like person.name.firstName")
+    root = path.split(".", 1)[0]
+    if root in RESERVED_ROOTS:
+        raise ValueError(f"{path!r}: {root} is always exported, do not map it")
+    return path
+
+
+AttributePath = Annotated[str, AfterValidator(_check_path)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def _check_url(value: str, what: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{what} must be an http(s) URL, got scheme {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise ValueError(f"{what} has no host")
+    return value
+
+
+class Segment(_Model):
+    id: str = Field(min_length=1)
+    name: str | None = None
+    createdAt: int | None = Field(default=None, ge=0)
+    updatedAt: int | None = Field(default=None, ge=0)
+
+
+class NoAuth(_Model):
+    type: Literal["none"]
+
+
+class BearerAuth(_Model):
+    type: Literal["bearer"]
+    token: Secret
+
+
+class _OAuth2(_Model):
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: Secret
+    scope: str | None = None
+    audience: str | None = None
+
+    @field_validator("token_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_url(v, "token_url")
+
+
+class OAuth2PasswordAuth(_OAuth2):
+    type: Literal["oauth2_password"]
+    username: str = Field(min_length=1)
+    password: Secret
+
+
+class OAuth2ClientCredentialsAuth(_OAuth2):
+    type: Literal["oauth2_client_credentials"]
+    credentials_type: Literal["body_form_encoded", "basic_authorization"] = "body_form_encoded"
+
+
+Auth = Annotated[
+    NoAuth | BearerAuth | OAuth2PasswordAuth | OAuth2ClientCredentialsAuth,
+    Field(discriminator="type"),
+]
+
+
+def parse_headers(text: str) -> list[tuple[str, str]]:
+    """``h1:v1,h2:v2`` as the reference platform writes custom headers."""
+    pairs: list[tuple[str, str]] = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = item.partition(":")
+        name = name.strip()
+        if not sep or not _HEADER_NAME.match(name):
+            raise ValueError(f"cannot parse header {item!r}: expected name:value")
+        pairs.append((name, value.strip()))
+    return pairs
+
+
+def parse_query(text: str) -> list[tuple[str, str]]:
+    """``p1=v&p2=v`` query parameters appended to the endpoint."""
+    text = text.strip().lstrip("?")
+    if not text:
+        return []
+    for item in text.split("&"):
+        if "=" not in item or not item.split("=", 1)[0]:
+            raise ValueError(f"cannot parse query parameter {item!r}: expected name=value")
+    return parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+
+
+class Destination(_Model):
+    name: str = Field(min_length=1)
+    description: str = ""
+    endpoint: str
+    auth: Auth = Field(default_factory=lambda: NoAuth(type="none"))
+    headers: str = ""
+    query_parameters: str = ""
+    include_segment_names: bool = False
+    include_segment_timestamps: bool = False
+    rate_limit: float = Field(default=MAX_RATE_LIMIT, ge=1, le=MAX_RATE_LIMIT)
+    max_in_flight: int = Field(default=64, ge=1, le=4096)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    retry_backoff_seconds: float = Field(default=1.0, ge=0, le=300)
+    max_retry_after_seconds: float = Field(default=60.0, ge=0, le=3600)
+    ca_bundle: Path | None = None
+    signing_secret: Secret | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        return _check_url(v, "endpoint")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: str) -> str:
+        parse_headers(v)
+        return v
+
+    @field_validator("query_parameters")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        parse_query(v)
+        return v
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _signing(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return v
+        import base64
+        import binascii
+
+        raw = v.get_secret_value()
+        if not raw.startswith("whsec_"):
+            raise ValueError("must start with 'whsec_' followed by base64 (Standard Webhooks)")
+        try:
+            if not base64.b64decode(raw[6:], validate=True):
+                raise ValueError
+        except (binascii.Error, ValueError):
+            raise ValueError("the part after 'whsec_' is not base64") from None
+        return v
+
+    @property
+    def header_pairs(self) -> list[tuple[str, str]]:
+        return parse_headers(self.headers)
+
+    @property
+    def query_pairs(self) -> list[tuple[str, str]]:
+        return parse_query(self.query_parameters)
+
+
+class Dataflow(_Model):
+    name: str = Field(min_length=1)
+    destination: str
+    segments: list[str] = Field(min_length=1)
+    attributes: list[AttributePath] = Field(default_factory=list)
+
+
+class Config(_Model):
+    state: Path = Path("relay.db")
+    segments: list[Segment] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
+    dataflows: list[Dataflow] = Field(default_factory=list)
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @property
+    def state_path(self) -> Path:
+        return self.state if self.state.is_absolute() else self.base_dir / self.state
+
+    def destination(self, name: str) -> Destination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise KeyError(f"no destination named {name!r}")
+
+    def dataflow(self, name: str) -> Dataflow:
+        for f in self.dataflows:
+            if f.name == name:
+                return f
+        raise KeyError(f"no dataflow named {name!r}; known: {[f.name for f in self.dataflows]}")
+
+    def segment(self, seg_id: str) -> Segment | None:
+        return next((s for s in self.segments if s.id == seg_id), None)
+
+
+def _cross_check(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Checks across sections, run on the raw document so they show beside field errors."""
+    problems: list[tuple[str, str]] = []
+
+    def items(field: str) -> list[dict[str, Any]]:
+        value = data.get(field) or []
+        return [v if isinstance(v, dict) else {} for v in value] if isinstance(value, list) else []
+
+    for field, key in (("segments", "id"), ("destinations", "name"), ("dataflows", "name")):
+        seen: dict[Any, int] = {}
+        for i, item in enumerate(items(field)):
+            value = item.get(key)
+            if not isinstance(value, str):  # missing or wrong type: the model reports it
+                continue
+            if value in seen:
+                problems.append((f"{field}[{i}].{key}",
+                                 f"duplicate {value!r} (also {field}[{seen[value]}])"))
+            seen.setdefault(value, i)
+    dests = {d.get("name") for d in items("destinations") if isinstance(d.get("name"), str)}
+    segs = {s.get("id") for s in items("segments") if isinstance(s.get("id"), str)}
+    for i, flow in enumerate(items("dataflows")):
+        if isinstance(flow.get("destination"), str) and flow["destination"] not in dests:
+            problems.append((f"dataflows[{i}].destination",
+                             f"unknown destination {flow['destination']!r}; "
+                             f"known: {sorted(str(d) for d in dests if d is not None)}"))
+        mapped = flow.get("segments")
+        for j, seg in enumerate(mapped if isinstance(mapped, list) else []):
+            if isinstance(seg, str) and seg not in segs:
+                problems.append((f"dataflows[{i}].segments[{j}]",
+                                 f"segment {seg!r} is not in the segments catalogue"))
+    return problems
+
+
+def _loc_to_path(loc: tuple[Any, ...]) -> str:
+    """``('destinations', 0, 'auth', 'oauth2_password', 'token_url')`` -> ``destinations[0].auth.token_url``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("none", "bearer", "oauth2_password", "oauth2_client_credentials") and out.endswith("auth"):
+            continue  # pydantic puts the union tag in the path; users never write it
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _friendly(err: dict[str, Any]) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if err["type"] == "union_tag_invalid":
+        return "type must be one of none, bearer, oauth2_password, oauth2_client_credentials"
+    if err["type"] == "union_tag_not_found":
+        return "missing 'type' (none, bearer, oauth2_password, oauth2_client_credentials)"
+    return msg.removeprefix("Value error, ")
+
+
+def parse_config(data: Any, base_dir: Path = Path("."), source: str = "config") -> Config:
+    """Validate a loaded YAML document; raise ConfigError listing every problem with its path."""
+    if not isinstance(data, dict):
+        raise ConfigError([("", "the config must be a YAML mapping")], source)
+    problems: list[tuple[str, str]] = []
+    config = None
+    try:
+        config = Config.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        problems = [(_loc_to_path(e["loc"]), _friendly(e)) for e in exc.errors(include_url=False)]
+    problems += _cross_check(data)
+    if problems or config is None:
+        raise ConfigError(problems, source)
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read {path}: {exc.strerror or exc}")], str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError([("", "not UTF-8 text")], str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([("", f"{where}not valid YAML ({getattr(exc, 'problem', exc)})")],
+                          str(path)) from None
+    return parse_config(data, base_dir=path.resolve().parent, source=str(path))
+
+
+def inline_secrets(data: dict[str, Any]) -> list[str]:
+    """Field paths of secrets written inline in the raw YAML instead of as references."""
+    found: list[str] = []
+    for i, dest in enumerate(data.get("destinations") or []):
+        if not isinstance(dest, dict):
+            continue
+        if isinstance(dest.get("signing_secret"), str) and not is_reference(dest["signing_secret"]):
+            found.append(f"destinations[{i}].signing_secret")
+        auth = dest.get("auth") or {}
+        if isinstance(auth, dict):
+            for key in ("token", "client_secret", "password"):
+                if isinstance(auth.get(key), str) and not is_reference(auth[key]):
+                    found.append(f"destinations[{i}].auth.{key}")
+    return found

@@ -1,0 +1,207 @@
+"""Per-dataflow state: registration, segment mappings, cursors, snapshots, backfill jobs,
+and the one transaction that queues exports into the outbox."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+import sqlite_utils
+
+from state.db import now_ms, shard_of, write_txn
+
+QUALIFIED_SQL = "('realized', 'existing')"
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    """One decided export: what is queued for a profile, and what the dataflow now knows."""
+
+    profile_id: str
+    seq: int
+    reason: str
+    change_at: int
+    idempotency_key: str
+    body: bytes
+    qualified: str  # newline-joined mapped segments qualified at this state
+
+
+@dataclass(frozen=True, slots=True)
+class Backfill:
+    id: int
+    dataflow: str
+    segment_id: str | None
+    reason: str
+    total: int | None
+    done: int
+    after_profile: str
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    created: bool
+    new_segments: tuple[str, ...]
+    removed_segments: tuple[str, ...]
+
+
+class CursorMoved(RuntimeError):
+    """Another process advanced this dataflow's cursor first; this batch is dropped and
+    re-read, so nothing is queued twice."""
+
+
+def max_seq(db: sqlite_utils.Database) -> int:
+    return db.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+
+
+def sync_dataflow(db: sqlite_utils.Database, name: str, destination: str,
+                  segments: Sequence[str], mapping_hash: str) -> SyncResult:
+    """Bring the stored mapping in line with the config, recording mapping times and
+    queueing backfills for a new dataflow or newly mapped segments."""
+    now = now_ms()
+    with write_txn(db) as conn:
+        row = conn.execute("SELECT mapping_hash FROM dataflows WHERE name = ?", (name,)).fetchone()
+        stored = {s for (s,) in conn.execute(
+            "SELECT segment_id FROM dataflow_segments WHERE dataflow = ?", (name,))}
+        wanted = list(dict.fromkeys(segments))
+        new = [s for s in wanted if s not in stored]
+        removed = sorted(stored - set(wanted))
+        if row is None:
+            conn.execute("INSERT INTO dataflows (name, destination, mapping_hash, created_at, cursor) "
+                         "VALUES (?, ?, ?, ?, (SELECT coalesce(max(seq), 0) FROM changes))",
+                         (name, destination, mapping_hash, now))
+        elif row[0] != mapping_hash:
+            conn.execute("UPDATE dataflows SET mapping_hash = ?, destination = ? WHERE name = ?",
+                         (mapping_hash, destination, name))
+            conn.execute("UPDATE dataflow_segments SET mapping_updated_at = ? WHERE dataflow = ?",
+                         (now, name))
+        conn.executemany("DELETE FROM dataflow_segments WHERE dataflow = ? AND segment_id = ?",
+                         [(name, s) for s in removed])
+        conn.executemany("INSERT INTO dataflow_segments VALUES (?, ?, ?, ?)",
+                         [(name, s, now, now) for s in new])
+        if row is None:
+            conn.execute("INSERT INTO backfills (dataflow, segment_id, reason, created_at) "
+                         "VALUES (?, NULL, 'new dataflow', ?)", (name, now))
+        else:
+            conn.executemany("INSERT INTO backfills (dataflow, segment_id, reason, created_at) "
+                             "VALUES (?, ?, 'segment newly mapped', ?)", [(name, s, now) for s in new])
+    return SyncResult(row is None, tuple(new), tuple(removed))
+
+
+def cursor(db: sqlite_utils.Database, dataflow: str) -> int:
+    row = db.conn.execute("SELECT cursor FROM dataflows WHERE name = ?", (dataflow,)).fetchone()
+    if row is None:
+        raise KeyError(f"dataflow {dataflow!r} has not run yet")
+    return row[0]
+
+
+def mapping_times(db: sqlite_utils.Database, dataflow: str) -> dict[str, tuple[int, int]]:
+    return {seg: (created, updated) for seg, created, updated in db.conn.execute(
+        "SELECT segment_id, mapping_created_at, mapping_updated_at FROM dataflow_segments "
+        "WHERE dataflow = ?", (dataflow,))}
+
+
+def read_changes(db: sqlite_utils.Database, after: int, limit: int) -> list[tuple]:
+    """Change-log rows after ``after``: (seq, profile_id, committed_at, attr_paths,
+    identity_added, segments)."""
+    return db.conn.execute(
+        "SELECT seq, profile_id, committed_at, attr_paths, identity_added, segments FROM changes "
+        "WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
+
+
+def memberships(db: sqlite_utils.Database, profile_ids: Sequence[str],
+                segments: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(profile, segment, status) of these profiles in these segments."""
+    return db.conn.execute(
+        "SELECT profile_id, segment_id, status FROM profile_segments "
+        "WHERE profile_id IN (SELECT value FROM json_each(?)) "
+        "AND segment_id IN (SELECT value FROM json_each(?))",
+        (orjson.dumps(list(profile_ids)).decode(), orjson.dumps(list(segments)).decode()),
+    ).fetchall()
+
+
+def snapshots(db: sqlite_utils.Database, dataflow: str,
+              profile_ids: Sequence[str]) -> dict[str, str]:
+    """What the dataflow last saw of each profile: its qualified mapped segments."""
+    return dict(db.conn.execute(
+        "SELECT profile_id, qualified FROM dataflow_profiles WHERE dataflow = ? "
+        "AND profile_id IN (SELECT value FROM json_each(?))",
+        (dataflow, orjson.dumps(list(profile_ids)).decode())).fetchall())
+
+
+def queue_exports(db: sqlite_utils.Database, dataflow: str, exports: Sequence[Export],
+                  snapshot_updates: Sequence[tuple[str, str]] = (),
+                  cursor_from: int | None = None, cursor_to: int | None = None,
+                  backfill: tuple[int, str, int] | None = None) -> None:
+    """In one transaction: the exports into the outbox (a newer one replaces an older one
+    still waiting), the dataflow's snapshots, and its cursor or backfill progress."""
+    now = now_ms()
+    with write_txn(db) as conn:
+        if cursor_to is not None:
+            moved = conn.execute("UPDATE dataflows SET cursor = ? WHERE name = ? AND cursor = ?",
+                                 (cursor_to, dataflow, cursor_from)).rowcount
+            if moved != 1:
+                raise CursorMoved(dataflow)
+        conn.executemany(
+            "INSERT INTO outbox (dataflow, profile_id, shard, seq, idempotency_key, body, reason, "
+            "change_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (dataflow, profile_id) DO UPDATE SET seq = excluded.seq, "
+            "idempotency_key = excluded.idempotency_key, body = excluded.body, "
+            "reason = excluded.reason, change_at = excluded.change_at, "
+            "enqueued_at = excluded.enqueued_at, attempts = 0, next_attempt_at = 0, "
+            "first_attempt_at = NULL, last_attempt_at = NULL, last_status = NULL, last_error = NULL "
+            "WHERE excluded.seq >= outbox.seq",
+            [(dataflow, e.profile_id, shard_of(e.profile_id), e.seq, e.idempotency_key, e.body,
+              e.reason, e.change_at, now) for e in exports])
+        rows = [(dataflow, e.profile_id, e.qualified, e.seq) for e in exports]
+        rows += [(dataflow, pid, q, 0) for pid, q in snapshot_updates]
+        conn.executemany(
+            "INSERT INTO dataflow_profiles (dataflow, profile_id, qualified, exported_seq) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (dataflow, profile_id) DO UPDATE SET "
+            "qualified = excluded.qualified, "
+            "exported_seq = max(dataflow_profiles.exported_seq, excluded.exported_seq)", rows)
+        if backfill is not None:
+            job, after, done = backfill
+            conn.execute("UPDATE backfills SET after_profile = ?, done = done + ? WHERE id = ?",
+                         (after, done, job))
+
+
+def start_backfill(db: sqlite_utils.Database, dataflow: str, segment: str | None,
+                   reason: str) -> int:
+    with write_txn(db) as conn:
+        return conn.execute("INSERT INTO backfills (dataflow, segment_id, reason, created_at) "
+                            "VALUES (?, ?, ?, ?)", (dataflow, segment, reason, now_ms())).lastrowid
+
+
+def open_backfills(db: sqlite_utils.Database, dataflow: str) -> list[Backfill]:
+    return [Backfill(*row) for row in db.conn.execute(
+        "SELECT id, dataflow, segment_id, reason, total, done, after_profile FROM backfills "
+        "WHERE dataflow = ? AND finished_at IS NULL ORDER BY id", (dataflow,))]
+
+
+def count_qualified(db: sqlite_utils.Database, segments: Sequence[str]) -> int:
+    return db.conn.execute(
+        "SELECT count(DISTINCT profile_id) FROM profile_segments WHERE status IN "
+        f"{QUALIFIED_SQL} AND segment_id IN (SELECT value FROM json_each(?))",
+        (orjson.dumps(list(segments)).decode(),)).fetchone()[0]
+
+
+def qualified_after(db: sqlite_utils.Database, segments: Sequence[str], after: str,
+                    limit: int) -> list[str]:
+    """The next ``limit`` profiles qualified for any of ``segments``, in profile order."""
+    return [pid for (pid,) in db.conn.execute(
+        # The unary + keeps SQLite on the primary key (profile_id, segment_id): one linear
+        # walk over the whole backfill instead of a sort per chunk.
+        "SELECT DISTINCT profile_id FROM profile_segments WHERE +status IN "
+        f"{QUALIFIED_SQL} AND +segment_id IN (SELECT value FROM json_each(?)) AND profile_id > ? "
+        "ORDER BY profile_id LIMIT ?", (orjson.dumps(list(segments)).decode(), after, limit))]
+
+
+def set_backfill_total(db: sqlite_utils.Database, job: int, total: int) -> None:
+    with write_txn(db) as conn:
+        conn.execute("UPDATE backfills SET total = ? WHERE id = ? AND total IS NULL", (total, job))
+
+
+def finish_backfill(db: sqlite_utils.Database, job: int) -> None:
+    with write_txn(db) as conn:
+        conn.execute("UPDATE backfills SET finished_at = ? WHERE id = ?", (now_ms(), job))

@@ -1,0 +1,79 @@
+"""Opening the SQLite store: WAL, busy timeouts, migrations, and write transactions.
+
+Every other module reaches the database through ``state``; no SQL lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlite_utils
+
+from state.schema import MIGRATIONS
+
+SHARDS = 256
+BUSY_TIMEOUT_MS = 60_000
+
+
+def shard_of(profile_id: str) -> int:
+    """Stable shard of a profile (crc32, not Python's salted ``hash()``)."""
+    return zlib.crc32(profile_id.encode()) % SHARDS
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def open_db(path: str | Path) -> sqlite_utils.Database:
+    """Open (creating and migrating if needed) the store at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA cache_size = -65536")
+    db = sqlite_utils.Database(conn)
+    migrate(db)
+    return db
+
+
+@contextmanager
+def write_txn(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+    """One write transaction, taken with BEGIN IMMEDIATE so concurrent writers queue on the
+    busy timeout instead of failing with 'database is locked' on a read-to-write upgrade."""
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Apply the migrations this database has not seen yet; returns the schema version."""
+    conn = db.conn
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    current = row[0] or 0
+    if current >= len(MIGRATIONS):
+        return current
+    with write_txn(db):
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    return len(MIGRATIONS)

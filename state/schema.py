@@ -1,0 +1,122 @@
+"""The store's schema as numbered migrations; append, never edit a released one.
+
+Profiles keep their attributes and identity map as one orjson document each (a fragment
+merge is one read and one write), and their segment memberships in long form (backfill
+and flip detection query them by segment). The change log keeps one row per fragment with
+what it wrote, which the stream flow explodes in Polars.
+"""
+
+MIGRATIONS: list[str] = [
+    # 1: profile store, change log, dataflow state, outbox, delivery log, failed store
+    """
+    CREATE TABLE profiles (
+        profile_id TEXT PRIMARY KEY,
+        shard INTEGER NOT NULL,
+        attributes BLOB NOT NULL,          -- orjson document
+        identity_map BLOB NOT NULL,        -- orjson {namespace: [{"id": ...}]}
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL
+    );
+    CREATE TABLE profile_segments (
+        profile_id TEXT NOT NULL,
+        segment_id TEXT NOT NULL,
+        status TEXT NOT NULL,              -- realized | existing | exited
+        last_qualification_time TEXT,      -- ISO 8601 UTC
+        PRIMARY KEY (profile_id, segment_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX profile_segments_by_segment ON profile_segments (segment_id, status, profile_id);
+    CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        profile_id TEXT NOT NULL,
+        shard INTEGER NOT NULL,
+        ts INTEGER NOT NULL,               -- when the change happened (fragment timestamp, ms)
+        committed_at INTEGER NOT NULL,     -- when the ingest transaction committed (ms)
+        attr_paths TEXT,                   -- leaf paths written, newline separated
+        identities TEXT,                   -- JSON of identities written
+        identity_added INTEGER NOT NULL,   -- 1 when the identity map gained an identity
+        segments TEXT                      -- JSON {segment: status} written
+    );
+    CREATE TABLE dataflows (
+        name TEXT PRIMARY KEY,
+        destination TEXT NOT NULL,
+        mapping_hash TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        cursor INTEGER NOT NULL            -- last change seq decided for this dataflow
+    );
+    CREATE TABLE dataflow_segments (
+        dataflow TEXT NOT NULL,
+        segment_id TEXT NOT NULL,
+        mapping_created_at INTEGER NOT NULL,
+        mapping_updated_at INTEGER NOT NULL,
+        PRIMARY KEY (dataflow, segment_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE dataflow_profiles (
+        dataflow TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        qualified TEXT NOT NULL,           -- mapped segments the dataflow last saw qualified, newline separated
+        exported_seq INTEGER NOT NULL DEFAULT 0,
+        delivered_seq INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (dataflow, profile_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE backfills (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dataflow TEXT NOT NULL,
+        segment_id TEXT,                   -- NULL: every mapped segment (a new dataflow)
+        reason TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        total INTEGER,
+        done INTEGER NOT NULL DEFAULT 0,
+        after_profile TEXT NOT NULL DEFAULT '',
+        finished_at INTEGER
+    );
+    CREATE TABLE outbox (
+        dataflow TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        shard INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        body BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        change_at INTEGER NOT NULL,        -- commit time of the change that caused it (latency)
+        enqueued_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL DEFAULT 0,
+        first_attempt_at INTEGER,
+        last_attempt_at INTEGER,
+        last_status INTEGER,
+        last_error TEXT,
+        PRIMARY KEY (dataflow, profile_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX outbox_due ON outbox (dataflow, next_attempt_at);
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dataflow TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        latency_ms INTEGER NOT NULL,
+        delivered_at INTEGER NOT NULL
+    );
+    CREATE INDEX deliveries_by_time ON deliveries (dataflow, delivered_at);
+    CREATE TABLE failed_requests (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dataflow TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        shard INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        last_status INTEGER,
+        last_error TEXT,
+        first_attempt_at INTEGER,
+        last_attempt_at INTEGER,
+        state TEXT NOT NULL DEFAULT 'failed',   -- failed | requeued | superseded
+        resolved_at INTEGER
+    );
+    CREATE INDEX failed_open ON failed_requests (dataflow, state)
+    """,
+]

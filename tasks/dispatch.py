@@ -1,0 +1,157 @@
+"""Dispatch: drain a dataflow's outbox over HTTP.
+
+One classification (``destinations.outcome``) drives everything: delivered exports go to
+the delivery log, retryable ones stay in the outbox with their attempt count and the time
+of their next attempt, and final ones (a non-retryable 4xx, or the third failed attempt)
+move to the failed-request store. The Prefect task's own ``retries=2`` is the only retry
+layer: a task run sends each due export once and raises ``RetryableDelivery`` when some
+are left to retry, so the retry re-sends only what is still pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import sqlite_utils
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from destinations.config import Destination
+from destinations.outcome import Outcome
+from destinations.ratelimit import TokenBucket, rate_limit_for
+from destinations.sender import Sender
+from state import outbox
+from state.db import now_ms
+
+MAX_ATTEMPTS = 3
+ROUND_SIZE = 5_000
+SEQUENCE_HEADER = "X-Relay-Sequence"
+
+
+class RetryableDelivery(Exception):
+    """Some exports failed in a retryable way; the dispatch task's retry will re-send them."""
+
+    def __init__(self, pending: int, last_error: str | None) -> None:
+        self.pending = pending
+        super().__init__(f"{pending} export(s) to retry; last error: {last_error}")
+
+
+@dataclass
+class DispatchSummary:
+    sent: int = 0
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    last_error: str | None = None
+    latencies_ms: list[int] = field(default_factory=list, repr=False)
+
+    def add(self, other: DispatchSummary) -> None:
+        self.sent += other.sent
+        self.delivered += other.delivered
+        self.retried += other.retried
+        self.failed += other.failed
+        self.last_error = other.last_error or self.last_error
+        self.latencies_ms += other.latencies_ms
+
+
+def backoff_ms(dest: Destination, attempts: int, retry_after: float | None) -> int:
+    """Exponential backoff with full jitter, never shorter than Retry-After (capped)."""
+    base = dest.retry_backoff_seconds * (2 ** max(0, attempts - 1))
+    wait = base * (0.5 + random.random() / 2)
+    if retry_after is not None:
+        wait = max(wait, min(retry_after, dest.max_retry_after_seconds))
+    return int(wait * 1000)
+
+
+def _judge(item: outbox.Pending, outcome: Outcome, dest: Destination,
+           at: int) -> tuple[str, outbox.Attempt]:
+    if outcome.kind == "delivered":
+        return "delivered", outbox.Attempt(item, outcome.status, None, at)
+    if outcome.kind == "retryable" and item.attempts + 1 < MAX_ATTEMPTS:
+        wait = backoff_ms(dest, item.attempts + 1, outcome.retry_after)
+        return "retrying", outbox.Attempt(item, outcome.status, outcome.error, at, at + wait)
+    return "failed", outbox.Attempt(item, outcome.status, outcome.error, at)
+
+
+async def send_round(db: sqlite_utils.Database, flow_name: str, dest: Destination,
+                     sender: Sender, bucket: TokenBucket,
+                     items: list[outbox.Pending]) -> DispatchSummary:
+    """Send each item once through a fixed pool of workers, then record the round."""
+    results: dict[str, list[outbox.Attempt]] = {"delivered": [], "retrying": [], "failed": []}
+    summary = DispatchSummary()
+    queue: asyncio.Queue[outbox.Pending] = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        while not queue.empty():
+            item = queue.get_nowait()
+            await bucket.acquire()
+            outcome = await sender.send(item.body, item.idempotency_key,
+                                        {SEQUENCE_HEADER: str(item.seq)})
+            kind, attempt = _judge(item, outcome, dest, now_ms())
+            results[kind].append(attempt)
+            if outcome.error:
+                summary.last_error = outcome.error
+
+    await asyncio.gather(*(worker() for _ in range(min(dest.max_in_flight, len(items)))))
+    outbox.record(db, flow_name, results["delivered"], results["retrying"], results["failed"])
+    summary.sent = len(items)
+    summary.delivered = len(results["delivered"])
+    summary.retried = len(results["retrying"])
+    summary.failed = len(results["failed"])
+    summary.latencies_ms = [a.at - a.item.change_at for a in results["delivered"]]
+    return summary
+
+
+async def drain(db: sqlite_utils.Database, flow_name: str, dest: Destination,
+                sender: Sender, bucket: TokenBucket,
+                shards: tuple[int, int] | None = None,
+                on_round: Callable[[DispatchSummary], None] | None = None) -> DispatchSummary:
+    """Send everything due now, round after round, until nothing is due."""
+    total = DispatchSummary()
+    while items := outbox.due(db, flow_name, now_ms(), ROUND_SIZE, shards):
+        summary = await send_round(db, flow_name, dest, sender, bucket, items)
+        total.add(summary)
+        if on_round:
+            on_round(summary)
+    return total
+
+
+async def wait_until_due(db: sqlite_utils.Database, flow_name: str, dest: Destination) -> None:
+    """Honour Retry-After and backoff recorded on pending exports (capped)."""
+    first = outbox.next_due(db, flow_name)
+    if first is not None:
+        delay = min((first - now_ms()) / 1000, dest.max_retry_after_seconds)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def _is_retryable(task_obj: object, task_run: object, state: object) -> bool:
+    return isinstance(getattr(state, "data", None), RetryableDelivery)
+
+
+@task(name="dispatch", retries=2, retry_delay_seconds=0, retry_jitter_factor=None,
+      retry_condition_fn=_is_retryable, cache_policy=NO_CACHE)
+async def dispatch_task(db: sqlite_utils.Database, flow_name: str, dest: Destination,
+                        shards: tuple[int, int] | None = None) -> dict[str, int | str | None]:
+    """Drain the outbox once; raise RetryableDelivery so Prefect retries what is left.
+
+    The wait between task retries is each export's own backoff (with Retry-After), taken
+    at the start of the retry, so the delay is per export rather than fixed on the task."""
+    ctx = TaskRunContext.get()
+    run_count = ctx.task_run.run_count if ctx else 1
+    if run_count > 1:
+        await wait_until_due(db, flow_name, dest)
+    async with Sender(dest) as sender:
+        bucket = TokenBucket(rate_limit_for(flow_name, dest))
+        summary = await drain(db, flow_name, dest, sender, bucket, shards=shards)
+    left = outbox.pending_count(db, flow_name)
+    if summary.retried and left:
+        raise RetryableDelivery(left, summary.last_error)
+    return {"sent": summary.sent, "delivered": summary.delivered, "failed": summary.failed,
+            "last_error": summary.last_error}

@@ -1,0 +1,116 @@
+"""Deciding exports for one dataflow: a micro-batch of the change log, or a backfill chunk,
+into the outbox. Plain functions with explicit inputs; the flows wrap them in tasks."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+import sqlite_utils
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from destinations.config import Config, Dataflow
+from state import dataflows as flows_state
+from state.dataflows import Backfill, Export, SyncResult
+from state.db import now_ms
+from state.profiles import StoredProfile, load_profiles
+from tasks.diff import QUALIFIED, candidates, decide
+from tasks.payload import PayloadSpec, build_payload, encode, idempotency_key
+
+BATCH_CHANGES = 10_000
+BACKFILL_CHUNK = 5_000
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    changes: int
+    exports: int
+    cursor: int
+
+
+def mapping_hash(config: Config, flow: Dataflow) -> str:
+    """What the mapping is, apart from its segments: a change bumps mappingUpdatedAt."""
+    dest = config.destination(flow.destination)
+    doc = {"destination": flow.destination, "attributes": flow.attributes,
+           "names": dest.include_segment_names, "timestamps": dest.include_segment_timestamps}
+    return hashlib.sha256(orjson.dumps(doc)).hexdigest()[:16]
+
+
+def sync_mapping(db: sqlite_utils.Database, config: Config, flow: Dataflow) -> SyncResult:
+    return flows_state.sync_dataflow(db, flow.name, flow.destination, flow.segments,
+                                     mapping_hash(config, flow))
+
+
+def payload_spec(db: sqlite_utils.Database, config: Config, flow: Dataflow) -> PayloadSpec:
+    return PayloadSpec.for_dataflow(config, flow, flows_state.mapping_times(db, flow.name))
+
+
+def _export(flow: str, profile: StoredProfile, seq: int, reason: str, change_at: int,
+            qualified: str, spec: PayloadSpec) -> Export:
+    return Export(profile.profile_id, seq, reason, change_at,
+                  idempotency_key(flow, profile.profile_id, seq),
+                  encode(build_payload(profile, spec)), qualified)
+
+
+def export_batch(db: sqlite_utils.Database, flow: Dataflow, spec: PayloadSpec,
+                 limit: int = BATCH_CHANGES) -> BatchResult | None:
+    """Decide one micro-batch after the dataflow's cursor and queue its exports, the new
+    snapshots and the advanced cursor in one transaction. None when there is nothing new."""
+    start = flows_state.cursor(db, flow.name)
+    rows = flows_state.read_changes(db, start, limit)
+    if not rows:
+        return None
+    cands = candidates(rows, flow.attributes, flow.segments)
+    pids = cands.get_column("profile_id").to_list()
+    decisions = decide(cands, flows_state.memberships(db, pids, flow.segments),
+                       flows_state.snapshots(db, flow.name, pids))
+    chosen = [d for d in decisions if d.export]
+    profiles = load_profiles(db, [d.profile_id for d in chosen])
+    exports = [_export(flow.name, profiles[d.profile_id], d.seq, d.reason, d.change_at,
+                       d.qualified, spec) for d in chosen if d.profile_id in profiles]
+    moved = [(d.profile_id, d.qualified) for d in decisions if not d.export]
+    flows_state.queue_exports(db, flow.name, exports, moved, cursor_from=start,
+                              cursor_to=rows[-1][0])
+    return BatchResult(len(rows), len(exports), rows[-1][0])
+
+
+def run_backfill(db: sqlite_utils.Database, flow: Dataflow, spec: PayloadSpec, job: Backfill,
+                 chunk: int = BACKFILL_CHUNK,
+                 on_progress: Callable[[int, int], None] | None = None) -> int:
+    """Export every profile qualified for the job's segments, in profile order, chunk by
+    chunk; progress is saved with each chunk, so a crash resumes where it stopped."""
+    segments = [job.segment_id] if job.segment_id else list(flow.segments)
+    mapped = set(flow.segments)
+    total = job.total
+    if total is None:
+        total = flows_state.count_qualified(db, segments) + job.done
+        flows_state.set_backfill_total(db, job.id, total)
+    done, after = job.done, job.after_profile
+    exported = 0
+    while pids := flows_state.qualified_after(db, segments, after, chunk):
+        profiles = load_profiles(db, pids)
+        now = now_ms()
+        exports = []
+        for pid in pids:
+            profile = profiles.get(pid)
+            if profile is None:
+                continue
+            qualified = "\n".join(sorted(s for s, (status, _) in profile.segments.items()
+                                         if s in mapped and status in QUALIFIED))
+            ts = profile.last_seq
+            exports.append(_export(flow.name, profile, ts, "backfill", now, qualified, spec))
+        flows_state.queue_exports(db, flow.name, exports, backfill=(job.id, pids[-1], len(pids)))
+        after = pids[-1]
+        done += len(pids)
+        exported += len(exports)
+        if on_progress:
+            on_progress(done, max(total, done))
+    flows_state.finish_backfill(db, job.id)
+    return exported
+
+
+export_batch_task = task(export_batch, name="export-batch", cache_policy=NO_CACHE)
+run_backfill_task = task(run_backfill, name="backfill-chunks", cache_policy=NO_CACHE)

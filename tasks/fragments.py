@@ -1,0 +1,183 @@
+"""Parsing and validating one NDJSON profile fragment (SPEC "Ingest format").
+
+Hand-written rather than a pydantic model per line: ingest runs at tens of thousands of
+lines a second and every rejection must name the field in plain words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+MAX_LINE_BYTES = 1_048_576
+MAX_DEPTH = 32
+MAX_PROFILE_ID = 256
+STATUSES = frozenset({"realized", "existing", "exited"})
+QUALIFIED = frozenset({"realized", "existing"})
+_TOP_KEYS = frozenset({"profileId", "timestamp", "attributes", "identityMap", "segmentMembership"})
+
+
+class FragmentError(ValueError):
+    """Why a line was rejected; the message is shown to the user with the line number."""
+
+
+@dataclass(slots=True)
+class Fragment:
+    profile_id: str
+    ts: int  # epoch ms
+    attributes: dict[str, Any] | None = None
+    identities: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    segments: dict[str, tuple[str, str]] = field(default_factory=dict)  # seg -> (status, lqt)
+
+
+def parse_time(value: Any, where: str) -> datetime:
+    if not isinstance(value, str):
+        raise FragmentError(f"{where} must be an ISO 8601 string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise FragmentError(f"{where} is not an ISO 8601 time: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise FragmentError(f"{where} is out of range: {value[:40]!r}") from None
+
+
+def iso_utc(moment: datetime) -> str:
+    # isoformat, not strftime: glibc's %Y does not zero-pad years before 1000
+    return moment.astimezone(UTC).isoformat(timespec="seconds")[:-6] + "Z"
+
+
+def _check_nesting(value: Any, path: str, depth: int) -> None:
+    """Bound the depth inside lists and identity entries too: they are stored with orjson,
+    whose encoder refuses documents nested deeper than 255 levels."""
+    if depth > MAX_DEPTH:
+        raise FragmentError(f"{path} is nested deeper than {MAX_DEPTH} levels")
+    items = value.values() if isinstance(value, dict) else value
+    for child in items:
+        if isinstance(child, (dict, list)):
+            _check_nesting(child, path, depth + 1)
+
+
+def _check_attributes(value: Any, path: str, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise FragmentError(f"{path} is nested deeper than {MAX_DEPTH} levels")
+    for key, child in value.items():
+        if not key or "." in key:
+            raise FragmentError(f"{path} has an invalid key {key[:40]!r} (empty or containing '.')")
+        if isinstance(child, dict):
+            _check_attributes(child, f"{path}.{key}", depth + 1)
+        elif isinstance(child, list):
+            _check_nesting(child, f"{path}.{key}", depth + 1)
+
+
+def parse_fragment(line: bytes | str, catalogue: frozenset[str], now_ms: int) -> Fragment:
+    """Parse one line; raise FragmentError with a reason a user can act on."""
+    if len(line) > MAX_LINE_BYTES:
+        raise FragmentError(f"line is {len(line)} bytes, over the {MAX_LINE_BYTES} byte limit")
+    try:
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise FragmentError(f"not valid JSON ({exc.args[0] if exc.args else exc})") from None
+    if not isinstance(doc, dict):
+        raise FragmentError(f"a fragment must be a JSON object, got {type(doc).__name__}")
+    unknown = doc.keys() - _TOP_KEYS
+    if unknown:
+        raise FragmentError(f"unknown field(s) {sorted(unknown)}; expected {sorted(_TOP_KEYS)}")
+    pid = doc.get("profileId")
+    if not isinstance(pid, str) or not pid.strip():
+        raise FragmentError("profileId is required and must be a non-empty string")
+    if len(pid) > MAX_PROFILE_ID:
+        raise FragmentError(f"profileId is longer than {MAX_PROFILE_ID} characters")
+    if "timestamp" in doc and doc["timestamp"] is not None:
+        moment = parse_time(doc["timestamp"], "timestamp")
+        ts = int(moment.timestamp() * 1000)
+    else:
+        ts = now_ms
+        moment = datetime.fromtimestamp(now_ms / 1000, UTC)
+    frag = Fragment(pid, ts)
+
+    attrs = doc.get("attributes")
+    if attrs is not None:
+        if not isinstance(attrs, dict):
+            raise FragmentError(f"attributes must be an object, got {type(attrs).__name__}")
+        _check_attributes(attrs, "attributes", 1)
+        frag.attributes = attrs
+
+    ids = doc.get("identityMap")
+    if ids is not None:
+        if not isinstance(ids, dict):
+            raise FragmentError(f"identityMap must be an object, got {type(ids).__name__}")
+        for ns, entries in ids.items():
+            if not ns:
+                raise FragmentError("identityMap has an empty namespace")
+            if not isinstance(entries, list):
+                raise FragmentError(f"identityMap.{ns} must be a list of {{\"id\": ...}}")
+            for i, entry in enumerate(entries):
+                if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+                    raise FragmentError(f"identityMap.{ns}[{i}] must be an object with a string id")
+                if len(entry) > 1:
+                    _check_nesting(entry, f"identityMap.{ns}[{i}]", 3)
+            frag.identities[ns] = entries
+
+    membership = doc.get("segmentMembership")
+    if membership is not None:
+        if not isinstance(membership, dict) or not isinstance(membership.get("ups", {}), dict):
+            raise FragmentError("segmentMembership must be {\"ups\": {segment: {status, ...}}}")
+        extra = membership.keys() - {"ups"}
+        if extra:
+            raise FragmentError(f"segmentMembership has unknown key(s) {sorted(extra)}; only ups")
+        for seg, entry in (membership.get("ups") or {}).items():
+            where = f"segmentMembership.ups.{seg}"
+            if seg not in catalogue:
+                raise FragmentError(f"{where}: segment {seg!r} is not in the config's catalogue")
+            if not isinstance(entry, dict):
+                raise FragmentError(f"{where} must be an object with a status")
+            status = entry.get("status")
+            if status not in STATUSES:
+                raise FragmentError(f"{where}.status must be realized, existing or exited, "
+                                    f"got {str(status)[:40]!r}")
+            lqt = entry.get("lastQualificationTime")
+            when = parse_time(lqt, f"{where}.lastQualificationTime") if lqt is not None else moment
+            frag.segments[seg] = (status, iso_utc(when))
+    return frag
+
+
+def leaf_paths(attrs: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves a fragment writes (a null is a leaf: it removes)."""
+    out: list[str] = []
+    for key, value in attrs.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.extend(leaf_paths(value, path + "."))
+        elif not isinstance(value, dict):
+            out.append(path)
+    return out
+
+
+def deep_merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """Merge ``patch`` into ``target`` in place; a null leaf removes the key, and objects
+    left empty by removals are pruned. An object that writes no value (``{}``, or only nulls
+    under a path that does not exist) changes nothing, so every change to the profile lies
+    on or under a path that ``leaf_paths`` reports."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict):
+            current = target.get(key)
+            if isinstance(current, dict):
+                deep_merge(current, value)
+                if not current:
+                    del target[key]
+            else:
+                fresh: dict[str, Any] = {}
+                deep_merge(fresh, value)
+                if fresh:
+                    target[key] = fresh
+        else:
+            target[key] = value

@@ -1,0 +1,115 @@
+"""Ingest: NDJSON lines -> validated fragments -> the store, one transaction per batch."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import sqlite_utils
+
+from state.db import now_ms
+from state.profiles import apply_fragments
+from tasks.fragments import MAX_LINE_BYTES, Fragment, FragmentError, parse_fragment
+
+BATCH_LINES = 5_000
+BATCH_BYTES = 32 << 20  # a batch of long lines is cut short so memory stays bounded
+
+
+@dataclass
+class Rejection:
+    source: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.reason}"
+
+
+@dataclass
+class IngestResult:
+    ingested: int = 0
+    rejected: int = 0
+    last_seq: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+def _batches(stream: BinaryIO, size: int) -> Iterator[list[tuple[int, bytes | int]]]:
+    """Numbered non-blank lines in batches. A line over the size limit is never held whole
+    in memory: the rest of it is skipped and its length (an int) stands in for it."""
+    batch: list[tuple[int, bytes | int]] = []
+    number = held = 0
+    while line := stream.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            total = len(line)
+            while chunk := stream.readline(1 << 20):
+                total += len(chunk)
+                if chunk.endswith(b"\n"):
+                    break
+            batch.append((number, total))
+        elif not line.strip():
+            continue
+        else:
+            batch.append((number, line))
+            held += len(line)
+        if len(batch) >= size or held >= BATCH_BYTES:
+            yield batch
+            batch = []
+            held = 0
+    if batch:
+        yield batch
+
+
+def ingest_stream(
+    db: sqlite_utils.Database,
+    stream: BinaryIO,
+    source: str,
+    catalogue: frozenset[str],
+    result: IngestResult | None = None,
+    on_reject: Callable[[Rejection], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    batch_lines: int = BATCH_LINES,
+) -> IngestResult:
+    """Ingest one NDJSON stream. Bad lines are reported and skipped, good ones kept."""
+    result = result or IngestResult()
+    for batch in _batches(stream, batch_lines):
+        now = now_ms()
+        good: list[Fragment] = []
+        for number, line in batch:
+            try:
+                if isinstance(line, int):
+                    raise FragmentError(f"line is {line} bytes, over the {MAX_LINE_BYTES} byte limit")
+                good.append(parse_fragment(line, catalogue, now))
+            except FragmentError as exc:
+                rejection = Rejection(source, number, str(exc))
+                result.rejected += 1
+                if len(result.rejections) < 1000:
+                    result.rejections.append(rejection)
+                if on_reject:
+                    on_reject(rejection)
+        if good:
+            result.last_seq = apply_fragments(db, good)
+            result.ingested += len(good)
+        if on_progress:
+            on_progress(sum(line if isinstance(line, int) else len(line) for _, line in batch))
+    return result
+
+
+def ingest_files(
+    db: sqlite_utils.Database,
+    paths: Iterable[str],
+    catalogue: frozenset[str],
+    on_reject: Callable[[Rejection], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> IngestResult:
+    """Ingest files in order; ``-`` reads standard input."""
+    result = IngestResult()
+    for path in paths:
+        if path == "-":
+            ingest_stream(db, sys.stdin.buffer, "<stdin>", catalogue, result, on_reject, on_progress)
+            continue
+        with open(path, "rb") as fh:
+            ingest_stream(db, fh, path, catalogue, result, on_reject, on_progress)
+    return result

@@ -1,0 +1,96 @@
+"""Export payloads: the seed's JSON for one profile and one dataflow, encoded with orjson."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from destinations.config import Config, Dataflow, Segment
+from state.profiles import StoredProfile
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """Everything a payload needs besides the profile, computed once per dataflow pass."""
+
+    attribute_paths: tuple[tuple[str, ...], ...]
+    include_names: bool
+    include_timestamps: bool
+    catalogue: Mapping[str, Segment]
+    mapping_times: Mapping[str, tuple[int, int]]
+
+    @classmethod
+    def for_dataflow(cls, config: Config, flow: Dataflow,
+                     mapping_times: Mapping[str, tuple[int, int]]) -> PayloadSpec:
+        dest = config.destination(flow.destination)
+        return cls(
+            attribute_paths=tuple(tuple(p.split(".")) for p in flow.attributes),
+            include_names=dest.include_segment_names,
+            include_timestamps=dest.include_segment_timestamps,
+            catalogue={s.id: s for s in config.segments},
+            mapping_times=dict(mapping_times),
+        )
+
+
+def idempotency_key(dataflow: str, profile_id: str, seq: int) -> str:
+    """Stable per export: the same on every retry and replay of it."""
+    digest = hashlib.sha256(f"{dataflow}\0{profile_id}\0{seq}".encode()).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+
+
+def _pick(attributes: dict[str, Any], paths: Sequence[tuple[str, ...]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path in paths:
+        node: Any = attributes
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            target = out
+            for key in path[:-1]:
+                nxt = target.get(key)
+                if not isinstance(nxt, dict):
+                    nxt = target[key] = {}
+                target = nxt
+            target[path[-1]] = node
+    return out
+
+
+def segment_entries(segments: Mapping[str, tuple[str, str | None]],
+                    spec: PayloadSpec) -> dict[str, dict[str, Any]]:
+    ups: dict[str, dict[str, Any]] = {}
+    for seg_id in sorted(segments):
+        status, lqt = segments[seg_id]
+        entry: dict[str, Any] = {}
+        if lqt is not None:
+            entry["lastQualificationTime"] = lqt
+        entry["status"] = status
+        meta = spec.catalogue.get(seg_id)
+        if spec.include_timestamps:
+            if meta is not None and meta.createdAt is not None:
+                entry["createdAt"] = meta.createdAt
+            if meta is not None and meta.updatedAt is not None:
+                entry["updatedAt"] = meta.updatedAt
+            if seg_id in spec.mapping_times:
+                entry["mappingCreatedAt"], entry["mappingUpdatedAt"] = spec.mapping_times[seg_id]
+        if spec.include_names and meta is not None and meta.name is not None:
+            entry["name"] = meta.name
+        ups[seg_id] = entry
+    return ups
+
+
+def build_payload(profile: StoredProfile, spec: PayloadSpec) -> dict[str, Any]:
+    """Mapped attributes present on the profile, all its segments, all its identities."""
+    doc = _pick(profile.attributes, spec.attribute_paths)
+    doc["segmentMembership"] = {"ups": segment_entries(profile.segments, spec)}
+    doc["identityMap"] = profile.identity_map
+    return doc
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return orjson.dumps(doc)
