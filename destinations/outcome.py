@@ -107,7 +107,8 @@ def describe_exception(exc: BaseException, timeout: float | None = None) -> str:
     if isinstance(exc, aiohttp.ServerFingerprintMismatch):
         return "TLS certificate fingerprint mismatch"
     if isinstance(exc, aiohttp.ClientConnectorSSLError):
-        return f"TLS error connecting to {exc.host}:{exc.port}: {getattr(exc, 'reason', None) or 'handshake failed'}"
+        reason = getattr(exc.os_error, "reason", None) or "handshake failed"
+        return f"TLS error connecting to {exc.host}:{exc.port}: {reason}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         detail = exc.os_error.strerror or type(exc.os_error).__name__
         return f"cannot connect to {exc.host}:{exc.port}: {detail}"

@@ -43,6 +43,7 @@ def _version() -> str:
 
 USER_AGENT = f"profile-relay/{_version()}"
 BODY_START_BYTES = 500
+_KEEP = BODY_START_BYTES + 512  # redact before cutting, so no secret survives half-cut
 _READ_WHOLE_BODY_UP_TO = 64 * 1024
 _DRAIN_AT_MOST = 1024 * 1024  # past this, drop the connection rather than read on
 # Custom header and query parameter names whose values are treated as secrets when redacting.
@@ -197,19 +198,21 @@ class Sender:
         kind = classify_status(status)
         error = None if kind == "delivered" else f"HTTP {status} {reason or ''}".rstrip()
         wait = parse_retry_after(retry_after, time.time()) if kind == "retryable" else None
-        body_start = redact_bytes(start, self.secret_values()) if keep_body else b""
+        body_start = (
+            redact_bytes(start, self.secret_values())[:BODY_START_BYTES] if keep_body else b""
+        )
         return self._outcome(kind, status, error, wait, started, body_start)
 
     async def _drain(self, resp: aiohttp.ClientResponse) -> bytes:
         """Read the body (so the connection returns to the pool) and keep its start."""
         length = resp.content_length
         if length is not None and length <= _READ_WHOLE_BODY_UP_TO:
-            return (await resp.read())[:BODY_START_BYTES]
+            return (await resp.read())[:_KEEP]
         start = b""
         total = 0
         async for chunk in resp.content.iter_any():
-            if len(start) < BODY_START_BYTES:
-                start += chunk[: BODY_START_BYTES - len(start)]
+            if len(start) < _KEEP:
+                start += chunk[: _KEEP - len(start)]
             total += len(chunk)
             if total > _DRAIN_AT_MOST:
                 break  # not worth reading: leaving early closes this connection

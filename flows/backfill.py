@@ -3,11 +3,12 @@ one of them), in chunks, with a progress artifact; an interrupted run resumes.""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from rich.progress import Progress
 
 from flows.common import open_config
@@ -34,7 +35,9 @@ async def backfill_flow(config_path: str, dataflow: str, segment: str | None = N
     else:
         logger.info("%s: resuming an interrupted backfill", dataflow)
     spec = payload_spec(db, config, flow_)
-    artifact = create_progress_artifact(progress=0.0, description=f"backfill of {dataflow}")
+    artifact = await acreate_progress_artifact(progress=0.0,
+                                               description=f"backfill of {dataflow}")
+    loop = asyncio.get_running_loop()
     exported = 0
     with Progress(disable=not sys.stderr.isatty(), transient=True) as bar:
         for job in jobs:
@@ -43,11 +46,15 @@ async def backfill_flow(config_path: str, dataflow: str, segment: str | None = N
 
             def progress(done: int, total: int, task_id: Any = task_id) -> None:
                 bar.update(task_id, completed=done, total=total)
-                update_progress_artifact(artifact, progress=100.0 * done / max(total, 1))
+                asyncio.run_coroutine_threadsafe(
+                    aupdate_progress_artifact(artifact, progress=100.0 * done / max(total, 1)),
+                    loop)
 
-            exported += run_backfill(db, flow_, spec, job, on_progress=progress)
+            # in a thread, so the loop keeps publishing progress while chunks are written
+            exported += await asyncio.to_thread(run_backfill, db, flow_, spec, job,
+                                                on_progress=progress)
             logger.info("%s: backfill of %s queued %d export(s)", dataflow, what, exported)
-    update_progress_artifact(artifact, progress=100.0)
+    await aupdate_progress_artifact(artifact, progress=100.0)
     if deliver:
         await dispatch_pending(db, config, flow_, until_empty=True)
     return {"dataflow": dataflow, "exported": exported}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import acreate_table_artifact
 
 from flows.common import open_config
 from flows.report import artifact_key
@@ -29,7 +29,7 @@ async def replay_flow(config_path: str, dataflow: str) -> dict[str, Any]:
             + [{"profile": e.profile_id, "action": "superseded", "idempotency key": e.idempotency_key,
                 "previous status": e.last_status, "previous error": e.last_error or ""}
                for e in plan.superseded])
-    create_table_artifact(key=artifact_key("replay", dataflow), table=rows[:1000],
+    await acreate_table_artifact(key=artifact_key("replay", dataflow), table=rows[:1000],
                           description=f"replay of {dataflow}: {len(plan.resent)} re-sent, "
                                       f"{len(plan.superseded)} superseded")
     return {"resent": len(plan.resent), "superseded": len(plan.superseded)}

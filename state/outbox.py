@@ -48,12 +48,16 @@ class FailedEntry:
 
 
 def due(db: sqlite_utils.Database, dataflow: str, now: int, limit: int,
-        shards: tuple[int, int] | None = None) -> list[Pending]:
+        shards: tuple[int, int] | None = None, tried_before: int | None = None) -> list[Pending]:
     """Exports waiting in the outbox whose next attempt is due, oldest change first.
-    ``shards``: (index, count) to take only this worker's share of the profiles."""
+    ``shards``: (index, count) to take only this worker's share of the profiles;
+    ``tried_before``: skip exports attempted at or after this time (one try per drain)."""
     sql = ("SELECT profile_id, seq, idempotency_key, body, reason, change_at, attempts, "
            "first_attempt_at FROM outbox WHERE dataflow = ? AND next_attempt_at <= ?")
     args: list = [dataflow, now]
+    if tried_before is not None:
+        sql += " AND (last_attempt_at IS NULL OR last_attempt_at < ?)"
+        args.append(tried_before)
     if shards is not None:
         sql += " AND shard % ? = ?"
         args += [shards[1], shards[0]]

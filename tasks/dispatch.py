@@ -112,9 +112,11 @@ async def drain(db: sqlite_utils.Database, flow_name: str, dest: Destination,
                 sender: Sender, bucket: TokenBucket,
                 shards: tuple[int, int] | None = None,
                 on_round: Callable[[DispatchSummary], None] | None = None) -> DispatchSummary:
-    """Send everything due now, round after round, until nothing is due."""
+    """Send everything due, round after round, each export at most once: a retry is the
+    dispatch task's next run, never a loop in here."""
     total = DispatchSummary()
-    while items := outbox.due(db, flow_name, now_ms(), ROUND_SIZE, shards):
+    started = now_ms()
+    while items := outbox.due(db, flow_name, now_ms(), ROUND_SIZE, shards, tried_before=started):
         summary = await send_round(db, flow_name, dest, sender, bucket, items)
         total.add(summary)
         if on_round:

@@ -35,6 +35,7 @@ class Recorded:
     headers: CIMultiDictProxy[str]
     body: bytes
     time: float
+    peer: tuple[str, int] | None  # client address: one port per connection
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Endpoint(_Server):
                 request.headers,
                 body,
                 time.monotonic(),
+                request.transport.get_extra_info("peername") if request.transport else None,
             )
         )
         if self.delay:
@@ -287,8 +289,10 @@ class TokenServer(_Server):
             if failure == "no_token":
                 return 200, {"token_type": "Bearer", "expires_in": 60}
             return failure, {"error": "server_error" if failure >= 500 else "invalid_request"}
-        if how == "both" or how == "none" or (
-            self.client_auth != "any" and how != self.client_auth
+        if (
+            how == "both"
+            or how == "none"
+            or (self.client_auth != "any" and how != self.client_auth)
         ):
             return 401, {"error": "invalid_client"}
         cid, csecret = basic if basic else (form.get("client_id"), form.get("client_secret"))

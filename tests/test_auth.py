@@ -48,7 +48,9 @@ def password_auth(ts: TokenServer, **extra: Any) -> dict[str, Any]:
     }
 
 
-def cc_auth(ts: TokenServer, credentials_type: str = "body_form_encoded", **extra: Any) -> dict[str, Any]:
+def cc_auth(
+    ts: TokenServer, credentials_type: str = "body_form_encoded", **extra: Any
+) -> dict[str, Any]:
     return {
         "type": "oauth2_client_credentials",
         "token_url": ts.token_url,
@@ -74,7 +76,9 @@ async def test_none_and_bearer(session: aiohttp.ClientSession) -> None:
 async def test_password_grant_request(
     token_server: TokenServer, session: aiohttp.ClientSession
 ) -> None:
-    provider = make_provider(dest(password_auth(token_server, scope="profiles:write", audience="crm")))
+    provider = make_provider(
+        dest(password_auth(token_server, scope="profiles:write", audience="crm"))
+    )
     header = await provider.header(session)
 
     assert token_server.count == 1
@@ -113,10 +117,12 @@ async def test_client_credentials_in_body(
 
 async def test_client_credentials_basic_header_is_urlencoded() -> None:
     """RFC 6749 2.3.1: id and secret are form-urlencoded, then joined and base64-encoded."""
-    async with TokenServer(client_id=ODD_ID, client_secret=ODD_SECRET, client_auth="basic") as ts:
-        async with aiohttp.ClientSession() as session:
-            provider = make_provider(dest(cc_auth(ts, "basic_authorization", scope="a b")))
-            assert await provider.header(session)
+    async with (
+        TokenServer(client_id=ODD_ID, client_secret=ODD_SECRET, client_auth="basic") as ts,
+        aiohttp.ClientSession() as session,
+    ):
+        provider = make_provider(dest(cc_auth(ts, "basic_authorization", scope="a b")))
+        assert await provider.header(session)
     call = ts.calls[0]
     assert call.status == 200  # the server decoded and accepted the credentials
     assert call.client_auth == "basic"
@@ -213,7 +219,9 @@ async def test_without_expires_in_cached_until_invalidated(
     assert token_server.grants() == ["client_credentials", "client_credentials"]
 
 
-async def test_expiry_margin_uses_clock(token_server: TokenServer, session: aiohttp.ClientSession) -> None:
+async def test_expiry_margin_uses_clock(
+    token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
     """expires_in 3600 -> renewed 30 s early; expires_in 100 -> 10 s (10 %) early."""
     now = [1000.0]
     provider = OAuth2Provider(
