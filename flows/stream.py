@@ -35,18 +35,20 @@ async def dispatch_pending(db: sqlite_utils.Database, config: Config, flow_: Dat
     going until every export is delivered or in the failed store."""
     dest = config.destination(flow_.destination)
     for _ in range(20):
-        if outbox.pending_count(db, flow_.name) == 0:
+        first = outbox.next_due(db, flow_.name)
+        if first is None:
             return
+        wait = (first - time.time() * 1000) / 1000
+        if wait > 0:
+            if not until_empty:
+                return  # only exports waiting for their backoff: no task run
+            await asyncio.sleep(min(wait, dest.max_retry_after_seconds))
         try:
             await dispatch_task(db, flow_.name, dest)
         except RetryableDelivery as exc:  # retries spent; the exports wait in the outbox
             get_run_logger().warning("%s: %s", flow_.name, exc)
         if not until_empty:
             return
-        first = outbox.next_due(db, flow_.name)
-        if first is not None:
-            await asyncio.sleep(max(0.0, min((first - time.time() * 1000) / 1000,
-                                             dest.max_retry_after_seconds)))
 
 
 async def stream_pass(db: sqlite_utils.Database, config: Config, flow_: Dataflow,

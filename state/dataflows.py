@@ -58,6 +58,11 @@ def sync_dataflow(db: sqlite_utils.Database, name: str, destination: str,
                   segments: Sequence[str], mapping_hash: str) -> SyncResult:
     """Bring the stored mapping in line with the config, recording mapping times and
     queueing backfills for a new dataflow or newly mapped segments."""
+    wanted_set = set(segments)
+    row = db.conn.execute("SELECT mapping_hash FROM dataflows WHERE name = ?", (name,)).fetchone()
+    if row is not None and row[0] == mapping_hash and wanted_set == {s for (s,) in db.conn.execute(
+            "SELECT segment_id FROM dataflow_segments WHERE dataflow = ?", (name,))}:
+        return SyncResult(False, (), ())  # the usual case: a read, no write transaction
     now = now_ms()
     with write_txn(db) as conn:
         row = conn.execute("SELECT mapping_hash FROM dataflows WHERE name = ?", (name,)).fetchone()
@@ -126,6 +131,15 @@ def snapshots(db: sqlite_utils.Database, dataflow: str,
     return dict(db.conn.execute(
         "SELECT profile_id, qualified FROM dataflow_profiles WHERE dataflow = ? "
         "AND profile_id IN (SELECT value FROM json_each(?))",
+        (dataflow, orjson.dumps(list(profile_ids)).decode())).fetchall())
+
+
+def exported_seqs(db: sqlite_utils.Database, dataflow: str,
+                  profile_ids: Sequence[str]) -> dict[str, int]:
+    """The newest change seq already queued for each profile (by streaming or a backfill)."""
+    return dict(db.conn.execute(
+        "SELECT profile_id, exported_seq FROM dataflow_profiles WHERE dataflow = ? "
+        "AND exported_seq > 0 AND profile_id IN (SELECT value FROM json_each(?))",
         (dataflow, orjson.dumps(list(profile_ids)).decode())).fetchall())
 
 
