@@ -11,10 +11,10 @@ import sqlite_utils
 import yaml
 
 from destinations.config import Config, load_config
+from state import dataflows as flows_state
 from state.db import open_db
 from tasks.export import export_batch, payload_spec, run_backfill, sync_mapping
 from tasks.ingest import ingest_stream
-from state import dataflows as flows_state
 
 FLOW = "crm-stream"
 
