@@ -23,6 +23,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 MAX_RATE_LIMIT = 10_000
@@ -205,6 +206,13 @@ class Destination(_Model):
         parse_query(v)
         return v
 
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, v: Path | None) -> Path | None:
+        if v is not None and v.is_absolute() and not v.is_file():
+            raise ValueError(f"no such file: {v}")
+        return v
+
     @field_validator("signing_secret")
     @classmethod
     def _signing(cls, v: SecretStr | None) -> SecretStr | None:
@@ -245,6 +253,14 @@ class Config(_Model):
     destinations: list[Destination] = Field(default_factory=list)
     dataflows: list[Dataflow] = Field(default_factory=list)
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _relative_paths(self) -> Config:
+        """A relative ``ca_bundle`` is read from beside the config file, as ``state`` is."""
+        for dest in self.destinations:
+            if dest.ca_bundle is not None and not dest.ca_bundle.is_absolute():
+                dest.ca_bundle = self.base_dir / dest.ca_bundle
+        return self
 
     @property
     def state_path(self) -> Path:

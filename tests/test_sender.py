@@ -414,8 +414,17 @@ async def test_tls_verification_on_by_default(tmp_path: Path) -> None:
     assert len(tls.requests) == 1
 
 
-async def test_missing_ca_bundle_is_final(endpoint: Endpoint, tmp_path: Path) -> None:
-    outcome = await send_one(make_dest(endpoint.url, ca_bundle=tmp_path / "nope.pem"))
+def test_missing_ca_bundle_is_a_config_error(endpoint: Endpoint, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ca_bundle"):
+        make_dest(endpoint.url, ca_bundle=tmp_path / "nope.pem")
+
+
+async def test_ca_bundle_gone_after_loading_is_final(endpoint: Endpoint, tmp_path: Path) -> None:
+    bundle = tmp_path / "gone.pem"
+    bundle.write_text("")
+    dest = make_dest(endpoint.url, ca_bundle=bundle)
+    bundle.unlink()
+    outcome = await send_one(dest)
     assert outcome.kind == "final" and outcome.error and "ca_bundle" in outcome.error
     assert endpoint.requests == []
 
