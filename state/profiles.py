@@ -41,6 +41,7 @@ def apply_fragments(db: sqlite_utils.Database, fragments: Sequence[Fragment]) ->
         }
         committed = now_ms()
         changes = []
+        shards: dict[str, int] = {}
         segment_rows: dict[tuple[str, str], tuple[str, str, str, str]] = {}
         for frag in fragments:
             state = existing.get(frag.profile_id)
@@ -49,7 +50,8 @@ def apply_fragments(db: sqlite_utils.Database, fragments: Sequence[Fragment]) ->
             paths = None
             if frag.attributes:
                 deep_merge(state[0], frag.attributes)
-                paths = "\n".join(leaf_paths(frag.attributes)) or None
+                written = frag.paths if frag.paths is not None else leaf_paths(frag.attributes)
+                paths = "\n".join(written) or None
             added = 0
             idmap = state[1]
             for ns, entries in frag.identities.items():
@@ -64,8 +66,11 @@ def apply_fragments(db: sqlite_utils.Database, fragments: Sequence[Fragment]) ->
                     del idmap[ns]
             for seg, (status, lqt) in frag.segments.items():
                 segment_rows[(frag.profile_id, seg)] = (frag.profile_id, seg, status, lqt)
+            shard = shards.get(frag.profile_id)
+            if shard is None:
+                shard = shards[frag.profile_id] = shard_of(frag.profile_id)
             changes.append((
-                frag.profile_id, shard_of(frag.profile_id), frag.ts, committed, paths,
+                frag.profile_id, shard, frag.ts, committed, paths,
                 orjson.dumps(frag.identities).decode() if frag.identities else None, added,
                 orjson.dumps({s: v[0] for s, v in frag.segments.items()}).decode()
                 if frag.segments else None,
@@ -84,7 +89,7 @@ def apply_fragments(db: sqlite_utils.Database, fragments: Sequence[Fragment]) ->
             "updated_at, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (profile_id) DO UPDATE "
             "SET attributes = excluded.attributes, identity_map = excluded.identity_map, "
             "updated_at = excluded.updated_at, last_seq = excluded.last_seq",
-            [(pid, shard_of(pid), orjson.dumps(a), orjson.dumps(i), created, committed,
+            [(pid, shards[pid], orjson.dumps(a), orjson.dumps(i), created, committed,
               last_by_profile[pid]) for pid, (a, i, created) in existing.items()
              if pid in last_by_profile])
         if segment_rows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -31,6 +32,8 @@ class Fragment:
     attributes: dict[str, Any] | None = None
     identities: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     segments: dict[str, tuple[str, str]] = field(default_factory=dict)  # seg -> (status, lqt)
+    # leaf paths the attributes write, collected while validating (see ``leaf_paths``)
+    paths: list[str] | None = None
 
 
 def parse_time(value: Any, where: str) -> datetime:
@@ -64,16 +67,45 @@ def _check_nesting(value: Any, path: str, depth: int) -> None:
             _check_nesting(child, path, depth + 1)
 
 
-def _check_attributes(value: Any, path: str, depth: int) -> None:
+@lru_cache(maxsize=8192)
+def _instant(value: str) -> tuple[int, str]:
+    """(epoch ms, ISO 8601 UTC) of a time string. Cached: a stream repeats its timestamps.
+    Raises ValueError or OverflowError; ``_instant_of`` turns those into reasons."""
+    parsed = datetime.fromisoformat(value)
+    parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    return int(parsed.timestamp() * 1000), parsed.isoformat(timespec="seconds")[:-6] + "Z"
+
+
+def _instant_of(value: Any, where: str) -> tuple[int, str]:
+    if not isinstance(value, str):
+        raise FragmentError(f"{where} must be an ISO 8601 string, got {type(value).__name__}")
+    try:
+        return _instant(value)
+    except ValueError:
+        raise FragmentError(f"{where} is not an ISO 8601 time: {value[:40]!r}") from None
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
+        raise FragmentError(f"{where} is out of range: {value[:40]!r}") from None
+
+
+def _check_attributes(value: dict[str, Any], prefix: str, depth: int, out: list[str]) -> None:
+    """Validate keys and depth, and append the leaf paths (as ``leaf_paths`` gives them) to
+    ``out``: one walk instead of two. ``prefix`` is the dotted path so far plus a dot."""
     if depth > MAX_DEPTH:
-        raise FragmentError(f"{path} is nested deeper than {MAX_DEPTH} levels")
+        raise FragmentError(f"{_where(prefix)} is nested deeper than {MAX_DEPTH} levels")
     for key, child in value.items():
         if not key or "." in key:
-            raise FragmentError(f"{path} has an invalid key {key[:40]!r} (empty or containing '.')")
+            raise FragmentError(f"{_where(prefix)} has an invalid key {key[:40]!r} "
+                                "(empty or containing '.')")
         if isinstance(child, dict):
-            _check_attributes(child, f"{path}.{key}", depth + 1)
-        elif isinstance(child, list):
-            _check_nesting(child, f"{path}.{key}", depth + 1)
+            _check_attributes(child, f"{prefix}{key}.", depth + 1, out)
+        else:
+            if isinstance(child, list):
+                _check_nesting(child, f"{_where(prefix)}.{key}", depth + 1)
+            out.append(prefix + key)
+
+
+def _where(prefix: str) -> str:
+    return f"attributes.{prefix[:-1]}" if prefix else "attributes"
 
 
 def parse_fragment(line: bytes | str, catalogue: frozenset[str], now_ms: int) -> Fragment:
@@ -94,20 +126,21 @@ def parse_fragment(line: bytes | str, catalogue: frozenset[str], now_ms: int) ->
         raise FragmentError("profileId is required and must be a non-empty string")
     if len(pid) > MAX_PROFILE_ID:
         raise FragmentError(f"profileId is longer than {MAX_PROFILE_ID} characters")
-    if "timestamp" in doc and doc["timestamp"] is not None:
-        moment = parse_time(doc["timestamp"], "timestamp")
-        ts = int(moment.timestamp() * 1000)
+    stamp = doc.get("timestamp")
+    if stamp is not None:
+        ts, iso = _instant_of(stamp, "timestamp")
     else:
-        ts = now_ms
-        moment = datetime.fromtimestamp(now_ms / 1000, UTC)
+        ts, iso = now_ms, ""  # the ISO form is only made if a segment needs it
     frag = Fragment(pid, ts)
 
     attrs = doc.get("attributes")
     if attrs is not None:
         if not isinstance(attrs, dict):
             raise FragmentError(f"attributes must be an object, got {type(attrs).__name__}")
-        _check_attributes(attrs, "attributes", 1)
+        paths: list[str] = []
+        _check_attributes(attrs, "", 1, paths)
         frag.attributes = attrs
+        frag.paths = paths
 
     ids = doc.get("identityMap")
     if ids is not None:
@@ -143,8 +176,12 @@ def parse_fragment(line: bytes | str, catalogue: frozenset[str], now_ms: int) ->
                 raise FragmentError(f"{where}.status must be realized, existing or exited, "
                                     f"got {str(status)[:40]!r}")
             lqt = entry.get("lastQualificationTime")
-            when = parse_time(lqt, f"{where}.lastQualificationTime") if lqt is not None else moment
-            frag.segments[seg] = (status, iso_utc(when))
+            if lqt is not None:
+                frag.segments[seg] = (status, _instant_of(lqt, f"{where}.lastQualificationTime")[1])
+            else:
+                if not iso:
+                    iso = iso_utc(datetime.fromtimestamp(now_ms / 1000, UTC))
+                frag.segments[seg] = (status, iso)
     return frag
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -62,6 +64,21 @@ def _batches(stream: BinaryIO, size: int) -> Iterator[list[tuple[int, bytes | in
         yield batch
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for one batch. Parsing allocates hundreds of
+    thousands of JSON containers that live until the batch is written, and each automatic
+    collection would walk them all again (about 3/4 of the parse time, measured); they hold
+    no reference cycles, so reference counting frees them either way."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def ingest_stream(
     db: sqlite_utils.Database,
     stream: BinaryIO,
@@ -77,21 +94,24 @@ def ingest_stream(
     for batch in _batches(stream, batch_lines):
         now = now_ms()
         good: list[Fragment] = []
-        for number, line in batch:
-            try:
-                if isinstance(line, int):
-                    raise FragmentError(f"line is {line} bytes, over the {MAX_LINE_BYTES} byte limit")
-                good.append(parse_fragment(line, catalogue, now))
-            except FragmentError as exc:
-                rejection = Rejection(source, number, str(exc))
-                result.rejected += 1
-                if len(result.rejections) < 1000:
-                    result.rejections.append(rejection)
-                if on_reject:
-                    on_reject(rejection)
-        if good:
-            result.last_seq = apply_fragments(db, good)
-            result.ingested += len(good)
+        with _gc_paused():
+            for number, line in batch:
+                try:
+                    if isinstance(line, int):
+                        raise FragmentError(
+                            f"line is {line} bytes, over the {MAX_LINE_BYTES} byte limit")
+                    good.append(parse_fragment(line, catalogue, now))
+                except FragmentError as exc:
+                    rejection = Rejection(source, number, str(exc))
+                    result.rejected += 1
+                    if len(result.rejections) < 1000:
+                        result.rejections.append(rejection)
+                    if on_reject:
+                        on_reject(rejection)
+            if good:
+                result.last_seq = apply_fragments(db, good)
+                result.ingested += len(good)
+            del good
         if on_progress:
             on_progress(sum(line if isinstance(line, int) else len(line) for _, line in batch))
     return result

@@ -3,11 +3,12 @@ ordering, atomic batches, a large round trip, and property tests. Real SQLite fi
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import random
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -20,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from state.db import open_db, shard_of
-from state.profiles import load_profiles, profile_count
+from state.profiles import apply_fragments, load_profiles, profile_count
 from tasks.fragments import (
     MAX_DEPTH,
     MAX_LINE_BYTES,
+    Fragment,
     FragmentError,
     deep_merge,
     leaf_paths,
@@ -456,6 +458,7 @@ def test_a_failing_batch_leaves_no_rows(db, table: str) -> None:
               frag("ok-9", **seg)]
     with pytest.raises(sqlite3.IntegrityError, match="poisoned row"):
         ingest(db, items, batch_lines=3)
+    assert gc.isenabled()  # the collector, paused per batch, is back on
     conn = db.conn
     assert not conn.in_transaction
     # batches 1 and 2 (lines 1 to 6) are in; nothing of batch 3
@@ -615,6 +618,34 @@ def test_leaf_paths_and_deep_merge_units() -> None:
     assert target["a"]["b"] == 1
 
 
+def test_apply_fragments_with_hand_made_fragments(db) -> None:
+    """Fragments not made by parse_fragment (no precomputed paths) log the same paths."""
+    seq = apply_fragments(db, [Fragment("h-1", 7, attributes={"a": {"b": 1, "c": None}}),
+                               Fragment("h-1", 8, segments={"seg-a": ("realized", T0)})])
+    rows = changes(db)
+    assert [r["attr_paths"] for r in rows] == ["a.b\na.c", None]
+    assert seq == rows[-1]["seq"]
+    assert attrs_of(db, "h-1") == {"a": {"b": 1}}
+    assert apply_fragments(db, []) == 0
+
+
+def test_parsed_paths_match_leaf_paths() -> None:
+    attrs = {"x": {"y": {"z": 1, "n": None, "e": {}}, "l": [1, {"k": 2}]}, "s": "v"}
+    parsed = parse_fragment(orjson.dumps({"profileId": "p", "attributes": attrs}), CAT, 0)
+    assert parsed.paths == leaf_paths(attrs) == ["x.y.z", "x.y.n", "x.l", "s"]
+
+
+def test_gc_state_is_restored(db) -> None:
+    ingest(db, [frag(), b"bad"])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        ingest(db, [frag()])
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
+
+
 def test_parse_fragment_accepts_str_and_bytes() -> None:
     line = '{"profileId": "p", "identityMap": {"ecid": [{"id": "1"}]}}'
     for form in (line, line.encode()):
@@ -640,10 +671,8 @@ _jsonish = st.recursive(
 
 
 def _only_fragment_error(line: bytes | str) -> None:
-    try:
+    with contextlib.suppress(FragmentError):  # anything else fails the test
         parse_fragment(line, CAT, 0)
-    except FragmentError:
-        pass
 
 
 @settings(max_examples=400, deadline=None)
@@ -690,10 +719,17 @@ _garbage = st.one_of(
 )
 
 
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory: pytest.TempPathFactory):
+    database = open_db(tmp_path_factory.mktemp("prop") / "prop.db")
+    yield database
+    database.conn.close()
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.booleans(), _valid_fragment, _garbage), max_size=30),
        st.integers(min_value=1, max_value=8))
-def test_ingest_keeps_every_valid_line_among_garbage(rows, batch_lines: int) -> None:
+def test_ingest_keeps_every_valid_line_among_garbage(shared_db, rows, batch_lines: int) -> None:
     lines: list[bytes] = []
     good_docs: list[dict[str, Any]] = []
     bad_numbers: list[int] = []
@@ -704,14 +740,12 @@ def test_ingest_keeps_every_valid_line_among_garbage(rows, batch_lines: int) -> 
         else:
             lines.append(junk)
             bad_numbers.append(len(lines))
-    with tempfile.TemporaryDirectory() as tmp:
-        db = open_db(Path(tmp) / "prop.db")
-        try:
-            result = ingest_stream(db, io.BytesIO(b"\n".join(lines)), "prop", CAT,
-                                   batch_lines=batch_lines)
-            assert result.ingested == len(good_docs)
-            assert [r.line for r in result.rejections] == bad_numbers
-            logged = [r[0] for r in db.conn.execute("SELECT profile_id FROM changes ORDER BY seq")]
-            assert logged == [d["profileId"] for d in good_docs]
-        finally:
-            db.conn.close()
+    conn = shared_db.conn
+    before = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+    result = ingest_stream(shared_db, io.BytesIO(b"\n".join(lines)), "prop", CAT,
+                           batch_lines=batch_lines)
+    assert result.ingested == len(good_docs)
+    assert [r.line for r in result.rejections] == bad_numbers
+    logged = [r[0] for r in conn.execute(
+        "SELECT profile_id FROM changes WHERE seq > ? ORDER BY seq", (before,))]
+    assert logged == [d["profileId"] for d in good_docs]
