@@ -119,4 +119,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX failed_open ON failed_requests (dataflow, state)
     """,
+    # 2: the by-segment index without status: a status change (realized -> existing, the
+    # commonest write) no longer moves an index entry; halved the membership upsert in the
+    # ingest benchmark. Backfill walks the primary key and counts read status from the row.
+    """
+    DROP INDEX profile_segments_by_segment;
+    CREATE INDEX profile_segments_by_segment ON profile_segments (segment_id)
+    """,
 ]

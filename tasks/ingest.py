@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from queue import Empty, Queue
+from threading import Thread
 from typing import BinaryIO
 
 import sqlite_utils
@@ -16,6 +19,7 @@ from state.profiles import apply_fragments
 from tasks.fragments import MAX_LINE_BYTES, Fragment, FragmentError, parse_fragment
 
 BATCH_LINES = 5_000
+STDIN_LINGER_SECONDS = 0.2  # a live feed on stdin is committed at least this often
 BATCH_BYTES = 32 << 20  # a batch of long lines is cut short so memory stays bounded
 
 
@@ -37,11 +41,10 @@ class IngestResult:
     rejections: list[Rejection] = field(default_factory=list)
 
 
-def _batches(stream: BinaryIO, size: int) -> Iterator[list[tuple[int, bytes | int]]]:
-    """Numbered non-blank lines in batches. A line over the size limit is never held whole
-    in memory: the rest of it is skipped and its length (an int) stands in for it."""
-    batch: list[tuple[int, bytes | int]] = []
-    number = held = 0
+def _lines(stream: BinaryIO) -> Iterator[tuple[int, bytes | int]]:
+    """Numbered non-blank lines. A line over the size limit is never held whole in
+    memory: the rest of it is skipped and its length (an int) stands in for it."""
+    number = 0
     while line := stream.readline(MAX_LINE_BYTES + 1):
         number += 1
         if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
@@ -50,18 +53,62 @@ def _batches(stream: BinaryIO, size: int) -> Iterator[list[tuple[int, bytes | in
                 total += len(chunk)
                 if chunk.endswith(b"\n"):
                     break
-            batch.append((number, total))
-        elif not line.strip():
-            continue
-        else:
-            batch.append((number, line))
-            held += len(line)
-        if len(batch) >= size or held >= BATCH_BYTES:
+            yield number, total
+        elif line.strip():
+            yield number, line
+
+
+def _batches(stream: BinaryIO, size: int,
+             linger: float | None = None) -> Iterator[list[tuple[int, bytes | int]]]:
+    """Lines in batches of ``size`` (or BATCH_BYTES). With ``linger`` (a pipe, where lines
+    trickle in), a batch is also cut when its first line has waited that long, so a slow
+    producer's changes are committed within about ``linger`` seconds, not ``size`` lines."""
+    source: Iterator[tuple[int, bytes | int] | None]
+    source = _lines(stream) if linger is None else _timed(_lines(stream), linger)
+    batch: list[tuple[int, bytes | int]] = []
+    held = 0
+    for item in source:
+        if item is not None:
+            batch.append(item)
+            held += len(item[1]) if isinstance(item[1], bytes) else 0
+        if batch and (item is None or len(batch) >= size or held >= BATCH_BYTES):
             yield batch
             batch = []
             held = 0
     if batch:
         yield batch
+
+
+_END = object()
+
+
+def _timed(lines: Iterator[tuple[int, bytes | int]],
+           linger: float) -> Iterator[tuple[int, bytes | int] | None]:
+    """Lines read by a thread; ``None`` marks a pause of ``linger`` seconds with a batch
+    open, which tells ``_batches`` to commit what it has."""
+    queue: Queue = Queue(maxsize=BATCH_LINES * 4)
+
+    def read() -> None:
+        try:
+            for line in lines:
+                queue.put(line)
+        finally:
+            queue.put(_END)
+
+    Thread(target=read, name="ingest-reader", daemon=True).start()
+    opened: float | None = None
+    while True:
+        timeout = None if opened is None else max(0.0, opened + linger - time.monotonic())
+        try:
+            item = queue.get(timeout=timeout)
+        except Empty:
+            opened = None
+            yield None
+            continue
+        if item is _END:
+            return
+        opened = opened or time.monotonic()
+        yield item
 
 
 @contextmanager
@@ -88,10 +135,12 @@ def ingest_stream(
     on_reject: Callable[[Rejection], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     batch_lines: int = BATCH_LINES,
+    linger: float | None = None,
 ) -> IngestResult:
-    """Ingest one NDJSON stream. Bad lines are reported and skipped, good ones kept."""
+    """Ingest one NDJSON stream. Bad lines are reported and skipped, good ones kept.
+    ``linger``: for a live pipe, commit at least this often (seconds) while lines trickle in."""
     result = result or IngestResult()
-    for batch in _batches(stream, batch_lines):
+    for batch in _batches(stream, batch_lines, linger):
         now = now_ms()
         good: list[Fragment] = []
         with _gc_paused():
@@ -128,7 +177,8 @@ def ingest_files(
     result = IngestResult()
     for path in paths:
         if path == "-":
-            ingest_stream(db, sys.stdin.buffer, "<stdin>", catalogue, result, on_reject, on_progress)
+            ingest_stream(db, sys.stdin.buffer, "<stdin>", catalogue, result, on_reject,
+                          on_progress, linger=STDIN_LINGER_SECONDS)
             continue
         with open(path, "rb") as fh:
             ingest_stream(db, fh, path, catalogue, result, on_reject, on_progress)

@@ -749,3 +749,33 @@ def test_ingest_keeps_every_valid_line_among_garbage(shared_db, rows, batch_line
     logged = [r[0] for r in conn.execute(
         "SELECT profile_id FROM changes WHERE seq > ? ORDER BY seq", (before,))]
     assert logged == [d["profileId"] for d in good_docs]
+
+
+def test_a_trickling_pipe_is_committed_without_waiting_for_a_full_batch(tmp_path):
+    """A producer writing a few lines now and then (``profile-relay ingest -``) sees them
+    committed within the linger time, not after BATCH_LINES lines."""
+    import os
+    import threading
+
+    from tasks.ingest import ingest_stream
+
+    db = open_db(tmp_path / "relay.db")
+    read_fd, write_fd = os.pipe()
+    reader = os.fdopen(read_fd, "rb")
+    done = threading.Thread(target=ingest_stream, args=(db, reader, "<pipe>", frozenset()),
+                            kwargs={"linger": 0.05})
+    done.start()
+    os.write(write_fd, b'{"profileId": "p-1"}\n{"profileId": "p-2"}\n')
+    seen = 0
+    for _ in range(200):  # up to 10 s
+        seen = open_db(tmp_path / "relay.db").conn.execute(
+            "SELECT count(*) FROM changes").fetchone()[0]
+        if seen == 2:
+            break
+        time.sleep(0.05)
+    assert seen == 2  # committed while the pipe is still open
+    os.write(write_fd, b'{"profileId": "p-3"}\n')
+    os.close(write_fd)
+    done.join(10)
+    assert not done.is_alive()
+    assert db.conn.execute("SELECT count(*) FROM changes").fetchone()[0] == 3

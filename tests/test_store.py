@@ -1,0 +1,32 @@
+"""The store's migrations: a database made by an older release is brought up to date in
+place, its data kept; opening an up-to-date one changes nothing."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from state.db import open_db
+from state.schema import MIGRATIONS
+
+
+def test_old_database_is_migrated_with_its_data(tmp_path):
+    path = tmp_path / "relay.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0] + ";\nCREATE TABLE schema_version (version INTEGER NOT NULL);"
+                       "INSERT INTO schema_version VALUES (1);"
+                       "INSERT INTO profile_segments VALUES ('p-1', 'seg-a', 'realized', NULL);")
+    conn.close()
+    db = open_db(path)
+    assert db.conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+    index_sql = db.conn.execute("SELECT sql FROM sqlite_master WHERE name = "
+                                "'profile_segments_by_segment'").fetchone()[0]
+    assert "status" not in index_sql
+    assert db.conn.execute("SELECT status FROM profile_segments").fetchone()[0] == "realized"
+
+
+def test_reopening_is_a_no_op(tmp_path):
+    open_db(tmp_path / "relay.db")
+    db = open_db(tmp_path / "relay.db")
+    versions = [v for (v,) in db.conn.execute("SELECT version FROM schema_version ORDER BY version")]
+    assert versions == list(range(1, len(MIGRATIONS) + 1))
+    assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
