@@ -143,6 +143,36 @@ def exported_seqs(db: sqlite_utils.Database, dataflow: str,
         (dataflow, orjson.dumps(list(profile_ids)).decode())).fetchall())
 
 
+def payload_rows(db: sqlite_utils.Database, profile_ids: Sequence[str], segment_tails: str,
+                 mapped_segments: Sequence[str]
+                 ) -> list[tuple[str, bytes, bytes, int, str, str | None]]:
+    """What export bodies are built from, for the stored profiles among ``profile_ids``, in
+    profile order: (profile, attributes and identity map as stored JSON, last change seq,
+    ``segmentMembership.ups`` as JSON text, the mapped segments it is qualified for,
+    newline separated). ``segment_tails``: JSON {segment: text closing its entry}, e.g.
+    ``,"name":"x"}`` (a plain ``}`` for segments left out). The entries are assembled here,
+    in SQLite, rather than row by row in Python: a backfill does this for every profile."""
+    if not profile_ids:
+        return []
+    ids = orjson.dumps(list(profile_ids)).decode()
+    segments = {pid: (ups, qualified) for pid, ups, qualified in db.conn.execute(
+        "WITH tails(segment_id, tail) AS MATERIALIZED (SELECT key, value FROM json_each(?2)) "
+        "SELECT ps.profile_id, '{' || group_concat(json_quote(ps.segment_id) || ':{' || "
+        "CASE WHEN ps.last_qualification_time IS NULL THEN '' ELSE "
+        "'\"lastQualificationTime\":' || json_quote(ps.last_qualification_time) || ',' END || "
+        "'\"status\":' || json_quote(ps.status) || coalesce(t.tail, '}'), ',') || '}', "
+        f"group_concat(CASE WHEN ps.status IN {QUALIFIED_SQL} AND ps.segment_id IN "
+        "(SELECT value FROM json_each(?3)) THEN ps.segment_id END, char(10)) "
+        "FROM profile_segments ps LEFT JOIN tails t ON t.segment_id = ps.segment_id "
+        "WHERE ps.profile_id IN (SELECT value FROM json_each(?1)) GROUP BY ps.profile_id",
+        (ids, segment_tails, orjson.dumps(list(mapped_segments)).decode()))}
+    none = ("{}", None)
+    return [(pid, attrs, idmap, last_seq, *segments.get(pid, none))
+            for pid, attrs, idmap, last_seq in db.conn.execute(
+                "SELECT profile_id, attributes, identity_map, last_seq FROM profiles "
+                "WHERE profile_id IN (SELECT value FROM json_each(?)) ORDER BY profile_id", (ids,))]
+
+
 def queue_exports(db: sqlite_utils.Database, dataflow: str, exports: Sequence[Export],
                   snapshot_updates: Sequence[tuple[str, str]] = (),
                   cursor_from: int | None = None, cursor_to: int | None = None,

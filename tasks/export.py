@@ -16,9 +16,8 @@ from destinations.config import Config, Dataflow
 from state import dataflows as flows_state
 from state.dataflows import Backfill, Export, SyncResult
 from state.db import now_ms
-from state.profiles import StoredProfile, load_profiles
-from tasks.diff import QUALIFIED, candidates, decide
-from tasks.payload import PayloadSpec, build_payload, encode, idempotency_key
+from tasks.diff import candidates, decide
+from tasks.payload import Encoder, PayloadSpec, idempotency_key
 
 BATCH_CHANGES = 10_000
 BACKFILL_CHUNK = 5_000
@@ -48,13 +47,6 @@ def payload_spec(db: sqlite_utils.Database, config: Config, flow: Dataflow) -> P
     return PayloadSpec.for_dataflow(config, flow, flows_state.mapping_times(db, flow.name))
 
 
-def _export(flow: str, profile: StoredProfile, seq: int, reason: str, change_at: int,
-            qualified: str, spec: PayloadSpec) -> Export:
-    return Export(profile.profile_id, seq, reason, change_at,
-                  idempotency_key(flow, profile.profile_id, seq),
-                  encode(build_payload(profile, spec)), qualified)
-
-
 def export_batch(db: sqlite_utils.Database, flow: Dataflow, spec: PayloadSpec,
                  limit: int = BATCH_CHANGES) -> BatchResult | None:
     """Decide one micro-batch after the dataflow's cursor and queue its exports, the new
@@ -67,11 +59,23 @@ def export_batch(db: sqlite_utils.Database, flow: Dataflow, spec: PayloadSpec,
     pids = cands.get_column("profile_id").to_list()
     decisions = decide(cands, flows_state.memberships(db, pids, flow.segments),
                        flows_state.snapshots(db, flow.name, pids))
-    chosen = [d for d in decisions if d.export]
-    profiles = load_profiles(db, [d.profile_id for d in chosen])
-    exports = [_export(flow.name, profiles[d.profile_id], d.seq, d.reason, d.change_at,
-                       d.qualified, spec) for d in chosen if d.profile_id in profiles]
-    moved = [(d.profile_id, d.qualified) for d in decisions if not d.export]
+    # A backfill may already have queued a state at or after this change (the cursor lags
+    # behind a newly mapped segment's backfill): exporting again would repeat that state,
+    # or label it with an older sequence after the newer one was sent.
+    done = flows_state.exported_seqs(db, flow.name, [d.profile_id for d in decisions if d.export])
+    chosen = {d.profile_id: d for d in decisions
+              if d.export and d.seq > done.get(d.profile_id, 0)}
+    encoder = Encoder(spec)
+    exports = []
+    for pid, attrs, idmap, _, ups, _ in flows_state.payload_rows(
+            db, list(chosen), encoder.segment_tails, flow.segments):
+        d = chosen[pid]
+        exports.append(Export(pid, d.seq, d.reason, d.change_at,
+                              idempotency_key(flow.name, pid, d.seq),
+                              encoder.body(attrs, idmap, ups), d.qualified))
+    exports.sort(key=lambda e: e.seq)
+    picked = {e.profile_id for e in exports}
+    moved = [(d.profile_id, d.qualified) for d in decisions if d.profile_id not in picked]
     flows_state.queue_exports(db, flow.name, exports, moved, cursor_from=start,
                               cursor_to=rows[-1][0])
     return BatchResult(len(rows), len(exports), rows[-1][0])
@@ -83,7 +87,7 @@ def run_backfill(db: sqlite_utils.Database, flow: Dataflow, spec: PayloadSpec, j
     """Export every profile qualified for the job's segments, in profile order, chunk by
     chunk; progress is saved with each chunk, so a crash resumes where it stopped."""
     segments = [job.segment_id] if job.segment_id else list(flow.segments)
-    mapped = set(flow.segments)
+    encoder = Encoder(spec)
     total = job.total
     if total is None:
         total = flows_state.count_qualified(db, segments) + job.done
@@ -91,17 +95,13 @@ def run_backfill(db: sqlite_utils.Database, flow: Dataflow, spec: PayloadSpec, j
     done, after = job.done, job.after_profile
     exported = 0
     while pids := flows_state.qualified_after(db, segments, after, chunk):
-        profiles = load_profiles(db, pids)
         now = now_ms()
         exports = []
-        for pid in pids:
-            profile = profiles.get(pid)
-            if profile is None:
-                continue
-            qualified = "\n".join(sorted(s for s, (status, _) in profile.segments.items()
-                                         if s in mapped and status in QUALIFIED))
-            ts = profile.last_seq
-            exports.append(_export(flow.name, profile, ts, "backfill", now, qualified, spec))
+        for pid, attrs, idmap, seq, ups, qualified in flows_state.payload_rows(
+                db, pids, encoder.segment_tails, flow.segments):
+            qualified = "\n".join(sorted(qualified.split("\n"))) if qualified else ""
+            exports.append(Export(pid, seq, "backfill", now, idempotency_key(flow.name, pid, seq),
+                                  encoder.body(attrs, idmap, ups), qualified))
         flows_state.queue_exports(db, flow.name, exports, backfill=(job.id, pids[-1], len(pids)))
         after = pids[-1]
         done += len(pids)

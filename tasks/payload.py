@@ -61,6 +61,22 @@ def _pick(attributes: dict[str, Any], paths: Sequence[tuple[str, ...]]) -> dict[
     return out
 
 
+def segment_extras(seg_id: str, spec: PayloadSpec) -> dict[str, Any]:
+    """What the destination's options add to a segment's entry, after its status."""
+    entry: dict[str, Any] = {}
+    meta = spec.catalogue.get(seg_id)
+    if spec.include_timestamps:
+        if meta is not None and meta.createdAt is not None:
+            entry["createdAt"] = meta.createdAt
+        if meta is not None and meta.updatedAt is not None:
+            entry["updatedAt"] = meta.updatedAt
+        if seg_id in spec.mapping_times:
+            entry["mappingCreatedAt"], entry["mappingUpdatedAt"] = spec.mapping_times[seg_id]
+    if spec.include_names and meta is not None and meta.name is not None:
+        entry["name"] = meta.name
+    return entry
+
+
 def segment_entries(segments: Mapping[str, tuple[str, str | None]],
                     spec: PayloadSpec) -> dict[str, dict[str, Any]]:
     ups: dict[str, dict[str, Any]] = {}
@@ -70,16 +86,7 @@ def segment_entries(segments: Mapping[str, tuple[str, str | None]],
         if lqt is not None:
             entry["lastQualificationTime"] = lqt
         entry["status"] = status
-        meta = spec.catalogue.get(seg_id)
-        if spec.include_timestamps:
-            if meta is not None and meta.createdAt is not None:
-                entry["createdAt"] = meta.createdAt
-            if meta is not None and meta.updatedAt is not None:
-                entry["updatedAt"] = meta.updatedAt
-            if seg_id in spec.mapping_times:
-                entry["mappingCreatedAt"], entry["mappingUpdatedAt"] = spec.mapping_times[seg_id]
-        if spec.include_names and meta is not None and meta.name is not None:
-            entry["name"] = meta.name
+        entry.update(segment_extras(seg_id, spec))
         ups[seg_id] = entry
     return ups
 
@@ -94,3 +101,56 @@ def build_payload(profile: StoredProfile, spec: PayloadSpec) -> dict[str, Any]:
 
 def encode(doc: dict[str, Any]) -> bytes:
     return orjson.dumps(doc)
+
+
+# --- the export path: the same document as build_payload, straight from the stored rows ----
+# A backfill encodes every qualified profile, so this path skips what the generic one
+# spends its time on: the identity map is stored as orjson output and goes out as it is,
+# the segment entries are put together by SQLite with each segment's option keys encoded
+# once, and the mapped paths are walked as one tree. tests/test_export.py checks that both
+# paths give equal documents.
+
+_Tree = dict[str, "_Tree | None"]  # None: a mapped leaf (take the value whole)
+
+
+class Encoder:
+    """Encodes export bodies for one PayloadSpec."""
+
+    def __init__(self, spec: PayloadSpec) -> None:
+        self.spec = spec
+        self.tree: _Tree = {}
+        for path in spec.attribute_paths:
+            node: _Tree = self.tree
+            for key in path[:-1]:
+                nxt = node.setdefault(key, {})
+                if nxt is None:  # a shorter mapped path already takes this subtree whole
+                    break
+                node = nxt
+            else:
+                node[path[-1]] = None
+        tails = {}
+        for seg_id in {*spec.catalogue, *spec.mapping_times}:
+            extras = orjson.dumps(segment_extras(seg_id, spec))
+            if extras != b"{}":
+                tails[seg_id] = "," + extras[1:].decode()
+        self.segment_tails = orjson.dumps(tails).decode()  # for state.dataflows.payload_rows
+
+    def body(self, attributes: bytes | str, identity_map: bytes | str, ups: bytes | str) -> bytes:
+        """One export body from the stored attributes and identity map (orjson documents)
+        and the ``ups`` JSON that state.dataflows.payload_rows assembles."""
+        doc = _pick_tree(orjson.loads(attributes), self.tree) if self.tree else {}
+        doc["segmentMembership"] = {"ups": orjson.Fragment(ups)}
+        doc["identityMap"] = orjson.Fragment(identity_map)
+        return orjson.dumps(doc)
+
+
+def _pick_tree(node: dict[str, Any], tree: _Tree) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, sub in tree.items():
+        if key in node:
+            value = node[key]
+            if sub is None:
+                out[key] = value
+            elif isinstance(value, dict) and (picked := _pick_tree(value, sub)):
+                out[key] = picked
+    return out

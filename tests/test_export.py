@@ -15,13 +15,14 @@ import orjson
 import pytest
 
 import state.dataflows as flows_state
-from destinations.config import Config, parse_config
+from destinations.config import Config, Segment, parse_config
 from state import outbox
-from state.db import now_ms, open_db
 from state.dataflows import CursorMoved, Export
+from state.db import now_ms, open_db
+from state.profiles import load_profiles
 from tasks.export import export_batch, payload_spec, run_backfill, sync_mapping
 from tasks.ingest import ingest_stream
-from tasks.payload import idempotency_key
+from tasks.payload import Encoder, PayloadSpec, build_payload, encode, idempotency_key
 
 FLOW = "crm-stream"
 T0 = "2026-01-11T21:24:39Z"
@@ -175,6 +176,10 @@ def test_removing_a_mapped_attribute_exports_without_it(relay: Relay) -> None:
     got = relay.run_pass()
     assert "person" not in got["p-1"]  # pruned away entirely
     assert got["p-1"]["personalEmail"] == {"address": "p-1@x.com"}
+    relay.ingest(frag("p-1", attrs={"personalEmail": None}))  # a parent of a mapped path
+    got = relay.run_pass()
+    assert set(got) == {"p-1"}
+    assert "personalEmail" not in got["p-1"]
 
 
 # --- triggers: identities ----------------------------------------------------------------
@@ -377,6 +382,60 @@ def test_payload_content(tmp_path: Path, names: bool, timestamps: bool) -> None:
                 assert entry[key] > 1_600_000_000_000
 
 
+ODD_SEGMENTS = ["seg-a", "sé\"g/\\1", "z\t\u2603", "seg-\U0001f600"]
+
+
+@pytest.mark.parametrize("attributes", [
+    ATTRIBUTES,
+    ["person.name", "person.name.firstName", "tags", "personalEmail.address", "person.birthDate"],
+    [],
+])
+@pytest.mark.parametrize(("names", "timestamps"), [(False, False), (True, True)])
+def test_export_encoder_gives_the_same_document_as_build_payload(
+        tmp_path: Path, attributes: list[str], names: bool, timestamps: bool) -> None:
+    """The export path (Encoder on raw rows) and the generic one (build_payload on loaded
+    profiles, used by replay and test-send) must agree on every profile."""
+    db = open_db(tmp_path / "relay.db")
+    lines = [
+        frag("p-1", attrs={"person": {"name": {"firstName": "Zoë", "lastName": "D"},
+                                      "birthDate": "1980"}, "tags": ["a", {"b": None}],
+                           "personalEmail": {"address": "x@y"}},
+             ids={"ecid": [{"id": "1"}], "email": [{"id": "z@x", "primary": True}]},
+             segs={s: "realized" for s in ODD_SEGMENTS}),
+        frag("p-2", attrs={"person": "not an object", "personalEmail": {"type": "home"}},
+             segs={"seg-a": "exited"}),
+        frag("p-3", ids={"ecid": [{"id": "3"}]}),
+        frag("p-4", attrs={"personalEmail": {"address": "only@x"}, "person": {"gender": "f"}},
+             segs={ODD_SEGMENTS[2]: "existing"}, lqt="2026-01-10T19:00:00-05:00"),
+    ]
+    ingest_stream(db, io.BytesIO(b"".join(orjson.dumps(f) + b"\n" for f in lines)), "src",
+                  frozenset(ODD_SEGMENTS))
+    db.conn.execute("INSERT INTO profile_segments VALUES ('p-3', 'seg-a', 'existing', NULL)")
+    spec = PayloadSpec(
+        attribute_paths=tuple(tuple(p.split(".")) for p in attributes),
+        include_names=names, include_timestamps=timestamps,
+        catalogue={"seg-a": Segment(id="seg-a", name="A", createdAt=1, updatedAt=2),
+                   ODD_SEGMENTS[1]: Segment(id=ODD_SEGMENTS[1], name="n\"ame\u00e9"),
+                   ODD_SEGMENTS[2]: Segment(id=ODD_SEGMENTS[2], updatedAt=5)},
+        mapping_times={"seg-a": (10, 20), ODD_SEGMENTS[3]: (30, 40)})
+    pids = ["p-1", "p-2", "p-3", "p-4", "p-missing"]
+    encoder = Encoder(spec)
+    mapped = ["seg-a", ODD_SEGMENTS[2]]
+    rows = flows_state.payload_rows(db, pids, encoder.segment_tails, mapped)
+    assert [r[0] for r in rows] == pids[:4]
+    profiles = load_profiles(db, pids)
+    for pid, attrs, idmap, last_seq, ups, qualified in rows:
+        assert last_seq == profiles[pid].last_seq
+        assert sorted(qualified.split("\n") if qualified else []) == sorted(
+            s for s, (status, _) in profiles[pid].segments.items()
+            if s in mapped and status != "exited")
+        fast = encoder.body(attrs, idmap, ups)
+        assert orjson.loads(fast) == build_payload(profiles[pid], spec)
+        if attributes == ATTRIBUTES:  # keys in the same order too
+            assert fast == encode(build_payload(profiles[pid], spec))
+    db.conn.close()
+
+
 # --- backfill ----------------------------------------------------------------------------
 
 def test_new_dataflow_gets_earlier_profiles_through_backfill_exactly_once(tmp_path: Path) -> None:
@@ -425,6 +484,29 @@ def test_newly_mapped_segment_is_backfilled_with_its_mapping_time(tmp_path: Path
     assert relay.run_pass() == {}
     relay.ingest(frag("p-2", attrs={"person": {"name": {"lastName": "X"}}}))  # now streamed
     assert set(relay.run_pass()) == {"p-2"}
+
+
+def test_streaming_does_not_repeat_what_a_backfill_already_exported(tmp_path: Path) -> None:
+    """The cursor lags (a backlog) when a segment is newly mapped: the backfill exports the
+    current state; the older changes streamed afterwards must not export it again, neither
+    under the same sequence nor, worse, under an older one after the newer was sent."""
+    relay = Relay(tmp_path, segments=["seg-a"])
+    relay.run_pass()
+    relay.ingest(qualified("p-1", seg="seg-b"))                                 # not mapped yet
+    relay.ingest(frag("p-1", attrs={"person": {"name": {"firstName": "Jo"}}}))  # backlog
+    relay.ingest(qualified("p-2"))                                              # backlog, seg-a
+    relay.configure(segments=["seg-a", "seg-b"])
+    sync_mapping(relay.db, relay.config, relay.flow)
+    spec = relay.spec()
+    for job in flows_state.open_backfills(relay.db, FLOW):
+        run_backfill(relay.db, relay.flow, spec, job)
+    backfilled = relay.take()
+    assert set(backfilled) == {"p-1"}
+    while export_batch(relay.db, relay.flow, spec, limit=1) is not None:
+        pass
+    assert set(relay.take()) == {"p-2"}
+    relay.ingest(frag("p-1", attrs={"person": {"name": {"lastName": "X"}}}))
+    assert set(relay.run_pass()) == {"p-1"}  # a change after the backfill still streams
 
 
 def test_changing_the_attributes_bumps_mapping_updated_at_only(tmp_path: Path) -> None:
@@ -575,18 +657,29 @@ def test_stale_cursor_raises_cursor_moved_and_writes_nothing(relay: Relay) -> No
 
 def test_export_batch_losing_the_race_queues_nothing(relay: Relay,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    relay.ingest(qualified("p-1"))
+    """Decider B reads the batch; decider A (another connection) decides and queues the same
+    batch before B writes. B must raise CursorMoved and queue nothing."""
+    relay.ingest(qualified("p-1"), qualified("p-2", seg="seg-b"))
+    other = open_db(relay.base / "relay.db")
     real = flows_state.read_changes
+    raced: list[int] = []
 
-    def other_decider_moves_cursor(db, after, limit):  # noqa: ANN001, ANN202
+    def read_then_lose_the_race(db, after, limit):
         rows = real(db, after, limit)
-        db.conn.execute("UPDATE dataflows SET cursor = ? WHERE name = ?", (rows[-1][0], FLOW))
+        if not raced:
+            raced.append(1)
+            assert export_batch(other, relay.flow, relay.spec()) is not None  # decider A
         return rows
 
-    monkeypatch.setattr(flows_state, "read_changes", other_decider_moves_cursor)
+    monkeypatch.setattr(flows_state, "read_changes", read_then_lose_the_race)
     with pytest.raises(CursorMoved):
-        export_batch(relay.db, relay.flow, relay.spec())
-    assert relay.pending() == []
+        export_batch(relay.db, relay.flow, relay.spec())  # decider B
+    won = relay.pending()
+    assert sorted(p.profile_id for p in won) == ["p-1", "p-2"]
+    assert relay.cursor() == flows_state.max_seq(relay.db)
+    assert export_batch(relay.db, relay.flow, relay.spec()) is None
+    assert relay.pending() == won
+    other.conn.close()
 
 
 def test_idempotency_keys_are_stable_per_export() -> None:
