@@ -104,7 +104,7 @@ def _check_url(value: str, what: str) -> str:
 
 
 class Segment(_Model):
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=256, pattern=r"^[^\n\r\x00]+$")
     name: str | None = None
     createdAt: int | None = Field(default=None, ge=0)
     updatedAt: int | None = Field(default=None, ge=0)

@@ -70,9 +70,9 @@ def export_batch(db: sqlite_utils.Database, flow: Dataflow, spec: PayloadSpec,
     for pid, attrs, idmap, _, ups, _ in flows_state.payload_rows(
             db, list(chosen), encoder.segment_tails, flow.segments):
         d = chosen[pid]
+        body = encoder.body(attrs, idmap, ups)
         exports.append(Export(pid, d.seq, d.reason, d.change_at,
-                              idempotency_key(flow.name, pid, d.seq),
-                              encoder.body(attrs, idmap, ups), d.qualified))
+                              idempotency_key(flow.name, pid, d.seq, body), body, d.qualified))
     exports.sort(key=lambda e: e.seq)
     picked = {e.profile_id for e in exports}
     moved = [(d.profile_id, d.qualified) for d in decisions if d.profile_id not in picked]
@@ -100,8 +100,9 @@ def run_backfill(db: sqlite_utils.Database, flow: Dataflow, spec: PayloadSpec, j
         for pid, attrs, idmap, seq, ups, qualified in flows_state.payload_rows(
                 db, pids, encoder.segment_tails, flow.segments):
             qualified = "\n".join(sorted(qualified.split("\n"))) if qualified else ""
-            exports.append(Export(pid, seq, "backfill", now, idempotency_key(flow.name, pid, seq),
-                                  encoder.body(attrs, idmap, ups), qualified))
+            body = encoder.body(attrs, idmap, ups)
+            exports.append(Export(pid, seq, "backfill", now,
+                                  idempotency_key(flow.name, pid, seq, body), body, qualified))
         flows_state.queue_exports(db, flow.name, exports, backfill=(job.id, pids[-1], len(pids)))
         after = pids[-1]
         done += len(pids)

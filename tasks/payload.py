@@ -36,9 +36,13 @@ class PayloadSpec:
         )
 
 
-def idempotency_key(dataflow: str, profile_id: str, seq: int) -> str:
-    """Stable per export: the same on every retry and replay of it."""
-    digest = hashlib.sha256(f"{dataflow}\0{profile_id}\0{seq}".encode()).hexdigest()
+def idempotency_key(dataflow: str, profile_id: str, seq: int, body: bytes) -> str:
+    """Stable per export: fixed when the export is decided and kept on every retry and
+    replay. The body's digest is part of it, so the same state sent with other content
+    (a backfill for a newly mapped segment adds its mapping times) gets its own key, while
+    the very same content always gets the same one and a receiver may drop it."""
+    text = f"{dataflow}\0{profile_id}\0{seq}\0".encode() + hashlib.sha256(body).digest()
+    digest = hashlib.sha256(text).hexdigest()
     return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
 
 

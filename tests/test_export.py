@@ -316,7 +316,8 @@ def test_fragments_of_one_profile_in_a_batch_give_one_export_with_the_latest_sta
         "SELECT max(seq) FROM changes WHERE profile_id = 'p-1'").fetchone()[0]
     by_pid = {p.profile_id: p for p in relay.last}
     assert by_pid["p-1"].seq == newest
-    assert by_pid["p-1"].idempotency_key == idempotency_key(FLOW, "p-1", newest)
+    assert by_pid["p-1"].idempotency_key == idempotency_key(FLOW, "p-1", newest,
+                                                            by_pid["p-1"].body)
     assert by_pid["p-2"].seq == relay.cursor()
 
 
@@ -468,6 +469,7 @@ def test_newly_mapped_segment_is_backfilled_with_its_mapping_time(tmp_path: Path
                  frag("p-4", segs={"seg-b": "realized"}), frag("p-4", segs={"seg-b": "exited"}),
                  frag("p-5", segs={"seg-c": "realized"}))
     assert set(relay.run_pass()) == {"p-1", "p-3"}
+    streamed_key = {p.profile_id: p.idempotency_key for p in relay.last}["p-3"]
     created_a = flows_state.mapping_times(relay.db, FLOW)["seg-a"][0]
     time.sleep(0.005)
 
@@ -481,6 +483,9 @@ def test_newly_mapped_segment_is_backfilled_with_its_mapping_time(tmp_path: Path
     assert before <= times["seg-b"][0] <= after
     assert times["seg-a"][0] == created_a
     assert got["p-2"]["segmentMembership"]["ups"]["seg-b"]["mappingCreatedAt"] == times["seg-b"][0]
+    # p-3's state is the one streamed before, but the content is new (seg-b's mapping
+    # times): its own key, so a receiver dropping duplicate keys keeps it
+    assert {p.profile_id: p.idempotency_key for p in relay.last}["p-3"] != streamed_key
     assert relay.run_pass() == {}
     relay.ingest(frag("p-2", attrs={"person": {"name": {"lastName": "X"}}}))  # now streamed
     assert set(relay.run_pass()) == {"p-2"}
@@ -644,8 +649,8 @@ def test_stale_cursor_raises_cursor_moved_and_writes_nothing(relay: Relay) -> No
     done = relay.pending()
     assert len(done) == 2
     head = relay.cursor()
-    late = Export("p-1", head, "attribute", now_ms(), idempotency_key(FLOW, "p-1", head),
-                  b'{"late":true}', "seg-a")
+    late = Export("p-1", head, "attribute", now_ms(),
+                  idempotency_key(FLOW, "p-1", head, b'{"late":true}'), b'{"late":true}', "seg-a")
     with pytest.raises(CursorMoved):  # decider B read the same batch
         flows_state.queue_exports(relay.db, FLOW, [late], [("p-2", "")],
                                   cursor_from=stale, cursor_to=head)
@@ -683,10 +688,12 @@ def test_export_batch_losing_the_race_queues_nothing(relay: Relay,
 
 
 def test_idempotency_keys_are_stable_per_export() -> None:
-    key = idempotency_key(FLOW, "p-1", 7)
-    assert key == idempotency_key(FLOW, "p-1", 7)
-    others = {idempotency_key(FLOW, "p-1", 8), idempotency_key(FLOW, "p-2", 7),
-              idempotency_key("other", "p-1", 7), idempotency_key(FLOW, "p-17", 0),
-              idempotency_key(FLOW + "\0p-1", "", 7)}
-    assert key not in others and len(others) == 5
+    body = b'{"a":1}'
+    key = idempotency_key(FLOW, "p-1", 7, body)
+    assert key == idempotency_key(FLOW, "p-1", 7, body)
+    others = {idempotency_key(FLOW, "p-1", 8, body), idempotency_key(FLOW, "p-2", 7, body),
+              idempotency_key("other", "p-1", 7, body), idempotency_key(FLOW, "p-17", 0, body),
+              idempotency_key(FLOW + "\0p-1", "", 7, body),
+              idempotency_key(FLOW, "p-1", 7, b'{"a":2}')}  # same state, other content
+    assert key not in others and len(others) == 6
     assert [len(part) for part in key.split("-")] == [8, 4, 4, 4, 12]
