@@ -13,13 +13,17 @@ from rich.console import Console
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Prefect's temporary server gets 20 s to start by default; a fresh PREFECT_HOME spends
+# about 15 s migrating, so a first run on a slow or busy machine would time out.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from destinations.config import Config, ConfigError, inline_secrets, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stream customer profiles to HTTP endpoints.")
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# emoji=False: rich would turn ":name:" in printed bodies and headers into emoji.
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+out = Console(highlight=False, soft_wrap=True, emoji=False)
 
 ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="YAML config file")]
 
@@ -165,6 +169,142 @@ def status(config: ConfigOpt,
                       str(s.delivered), str(s.failed), str(s.latency_p50_ms or "-"),
                       str(s.latency_p95_ms or "-"), (s.last_error or "")[:60])
     out.print(table)
+
+
+@app.command("test-send")
+def test_send(config: ConfigOpt,
+              destination: Annotated[str, typer.Option(help="destination name")]) -> None:
+    """Send one sample profile and print the answer; exit non-zero unless it is 2xx."""
+    cfg = _config(config)
+    try:
+        cfg.destination(destination)
+    except KeyError as exc:
+        err.print(f"error: {exc.args[0]}; known: {[d.name for d in cfg.destinations]}",
+                  markup=False)
+        raise typer.Exit(2) from None
+    from tasks.sample import send_sample
+
+    result = _run(send_sample(cfg, destination))
+    modelled = (f"modelled on dataflow {result.sample.dataflow!r}" if result.sample.dataflow
+                else "no dataflow uses this destination: identities only")
+    out.print(f"{result.method} {result.url}", markup=False)
+    for name, value in result.headers:
+        out.print(f"  {name}: {value}", markup=False)
+    out.print(f"  body ({len(result.sample.body)} bytes, sample {modelled}):", markup=False)
+    out.print(f"  {result.sample.body.decode()}", markup=False)
+    outcome = result.outcome
+    status = str(outcome.status) if outcome.status is not None else "no response"
+    out.print(f"status {status}, latency {outcome.latency_ms:.1f} ms", markup=False)
+    if result.body_start:
+        out.print("response body (first 300 bytes):", markup=False)
+        out.print("  " + result.body_start.decode("utf-8", "replace"), markup=False)
+    if result.ok:
+        out.print("ok: the endpoint accepted the sample", markup=False)
+        return
+    diag = result.diagnosis
+    assert diag is not None
+    err.print(f"failed: {diag.reason}: {diag.detail or 'no detail'}", markup=False)
+    err.print(f"hint: {diag.hint}", markup=False)
+    raise typer.Exit(1)
+
+
+@app.command()
+def receiver(
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0: any free one)")] = 8080,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    fail_rate: Annotated[float, typer.Option(min=0.0, max=1.0,
+                                             help="answer 500 with this probability")] = 0.0,
+    status: Annotated[int | None, typer.Option(min=100, max=599,
+                                               help="always answer this status")] = None,
+    record: Annotated[Path, typer.Option(help="NDJSON file each request is appended to")] = Path(
+        "receiver.ndjson"),
+    seed: Annotated[int | None, typer.Option(help="random seed for --fail-rate")] = None,
+) -> None:
+    """A local endpoint: accepts POSTs on any path, answers 200 and records them."""
+    from flows.receiver import Receiver, serve_until_stopped
+
+    def ready(r: Receiver) -> None:
+        answers = (f"answers {status}" if status is not None
+                   else f"answers 200, 500 with probability {fail_rate:g}" if fail_rate
+                   else "answers 200")
+        out.print(f"receiver listening on {r.base_url} ({answers}; recording to {record}); "
+                  "Ctrl-C stops", markup=False)
+
+    try:
+        record.open("ab").close()
+    except OSError as exc:
+        err.print(f"error: cannot write {record}: {exc.strerror or exc}", markup=False)
+        raise typer.Exit(2) from None
+    try:
+        count = asyncio.run(serve_until_stopped(port, host, status, fail_rate, record,
+                                                echo=sys.stdout, seed=seed, on_ready=ready))
+    except OSError as exc:
+        err.print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", markup=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # signal handlers unavailable (not the main thread)
+        count = None
+    out.print("receiver stopped" + (f" after {count} request(s)" if count is not None else ""),
+              markup=False)
+
+
+@app.command()
+def demo(directory: Annotated[Path, typer.Option("--dir", help="scratch folder (wiped first)")] = Path(
+        "demo-run")) -> None:
+    """The whole job on the embedded default, end to end, on this machine."""
+    from flows.demo import DemoError, run_demo
+
+    try:
+        problems = asyncio.run(run_demo(directory, echo=lambda text: out.print(text, markup=False)))
+    except DemoError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(exc.exit_code) from None
+    raise typer.Exit(1 if problems else 0)
+
+
+@app.command()
+def serve(config: ConfigOpt,
+          interval: Annotated[float, typer.Option(help="stream: seconds between polls")] = 2.0,
+          run_seconds: Annotated[float, typer.Option(
+              min=10.0, help="stream: length of each run, and its schedule interval")] = 3600.0,
+          replay_cron: Annotated[str, typer.Option(help="replay schedule (cron)")] = "*/15 * * * *",
+          prefect_port: Annotated[int | None, typer.Option(
+              min=0, max=65535, help="start a Prefect server of our own on this port (0: any "
+              "free one) instead of using PREFECT_API_URL or one on port 4200")] = None,
+          ) -> None:
+    """Serve the Prefect deployments (stream, backfill, replay) in this process.
+
+    Without PREFECT_API_URL, it uses a Prefect server on 127.0.0.1:4200 or starts one
+    (with its UI) for as long as it runs."""
+    cfg = _config(config)
+    if not cfg.dataflows:
+        err.print("error: the config has no dataflows to serve", markup=False)
+        raise typer.Exit(2)
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    from flows.serve import ServerError
+    from flows.serve import serve as serve_deployments
+
+    try:
+        CronSchedule(cron=replay_cron)
+    except ValidationError:
+        err.print(f"error: --replay-cron {replay_cron!r} is not a valid cron expression",
+                  markup=False)
+        raise typer.Exit(2) from None
+
+    def ready(names: list[str]) -> None:
+        out.print(f"serving {len(names)} deployment(s) of {config}: {', '.join(names)}; "
+                  f"the stream runs now and every {run_seconds:g} s, replay on "
+                  f"'{replay_cron}'; Ctrl-C stops", markup=False)
+
+    try:
+        serve_deployments(config.resolve(), cfg, interval, run_seconds, replay_cron,
+                          on_ready=ready, echo=lambda text: err.print(text, markup=False),
+                          server_port=prefect_port)
+    except ServerError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    out.print("serve stopped", markup=False)
 
 
 def main() -> None:

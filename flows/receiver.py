@@ -85,13 +85,13 @@ def summary_line(entry: dict[str, Any]) -> str:
 
 def make_app(status: int | None = None, fail_rate: float = 0.0, record: str | Path | None = None,
              echo: TextIO | None = None, seed: int | None = None) -> web.Application:
-    """The receiver as an aiohttp app. Every request is kept in ``app[REQUESTS]`` too."""
+    """The receiver as an aiohttp app. Every request is also kept in ``app[REQUESTS]``, with
+    its raw body under ``raw`` (not recorded to the file)."""
     opts = ReceiverOptions(status=status, fail_rate=fail_rate,
                            record=Path(record) if record is not None else None,
                            echo=echo, seed=seed)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[REQUESTS] = []
-    lock = asyncio.Lock()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.method != "POST":
@@ -107,18 +107,17 @@ def make_app(status: int | None = None, fail_rate: float = 0.0, record: str | Pa
             "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "method": request.method,
             "path": request.path,
-            "query": dict(request.query),
-            "headers": {k: v for k, v in request.headers.items()
+            "query": {str(k): v for k, v in request.query.items()},
+            "headers": {str(k): v for k, v in request.headers.items()
                         if k.lower() not in _DROP_HEADERS},
             "body": body,
             "status": answered,
         }
-        app[REQUESTS].append(entry)
         if opts.record is not None:
             line = orjson.dumps(entry) + b"\n"
-            async with lock:
-                with opts.record.open("ab") as fh:
-                    fh.write(line)
+            with opts.record.open("ab") as fh:  # no await in between: lines never interleave
+                fh.write(line)
+        app[REQUESTS].append({**entry, "raw": raw})  # in memory only: for signature checks
         if opts.echo is not None:
             print(summary_line(entry), file=opts.echo, flush=True)
         if 200 <= answered < 300:
@@ -172,7 +171,7 @@ class Receiver:
 
 
 async def serve_until_stopped(port: int, host: str, status: int | None, fail_rate: float,
-                              record: Path, echo: TextIO = sys.stdout,
+                              record: Path, echo: TextIO = sys.stdout, seed: int | None = None,
                               on_ready: Callable[[Receiver], None] | None = None) -> int:
     """Run until SIGINT/SIGTERM; returns the number of requests received."""
     stop = asyncio.Event()
@@ -182,7 +181,7 @@ async def serve_until_stopped(port: int, host: str, status: int | None, fail_rat
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     receiver = Receiver(port=port, host=host, status=status, fail_rate=fail_rate, record=record,
-                        echo=echo)
+                        echo=echo, seed=seed)
     await receiver.start()
     try:
         if on_ready:

@@ -238,7 +238,7 @@ async def diagnose(outcome: Outcome, dest: Destination) -> Diagnosis:
 
 
 @dataclass(frozen=True)
-class TestSendResult:
+class SampleSendResult:
     sample: SampleExport
     method: str
     url: str
@@ -255,7 +255,7 @@ class TestSendResult:
         return self.outcome.body_start[:SHOW_BODY_BYTES]
 
 
-async def test_send(config: Config, destination: str) -> TestSendResult:
+async def send_sample(config: Config, destination: str) -> SampleSendResult:
     """Send one sample export to ``destination`` and diagnose the answer."""
     dest = config.destination(destination)
     sample = sample_export(config, destination)
@@ -265,8 +265,5 @@ async def test_send(config: Config, destination: str) -> TestSendResult:
         outcome = await sender.send(sample.body, key, keep_body=True)
     result_ok = outcome.status is not None and 200 <= outcome.status < 300
     diagnosis = None if result_ok else await diagnose(outcome, dest)
-    return TestSendResult(sample, "POST", url, request_headers(dest, key), outcome, diagnosis)
+    return SampleSendResult(sample, "POST", url, request_headers(dest, key), outcome, diagnosis)
 
-
-test_send.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
-TestSendResult.__test__ = False  # type: ignore[attr-defined]

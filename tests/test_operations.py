@@ -1,0 +1,275 @@
+"""Operations: prefect.yaml, the bundled examples, `serve` and `demo`, run for real.
+
+`serve` and `demo` run as subprocesses with a throwaway PREFECT_HOME, each starting its
+own Prefect server (serve: `prefect server start`; demo: Prefect's temporary server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import importlib
+import inspect
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from destinations.config import load_config
+from flows.cli import app
+from flows.receiver import Receiver
+from state.db import open_db
+from tasks.ingest import ingest_files
+
+ROOT = Path(__file__).resolve().parent.parent
+RELAY = ROOT / ".venv" / "bin" / "profile-relay"
+PREFECT_YAML = ROOT / "prefect.yaml"
+
+
+def offline_env(prefect_home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               DO_NOT_TRACK="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One throwaway PREFECT_HOME for the subprocess tests: only the first migrates it."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+# --- prefect.yaml -------------------------------------------------------------------------
+
+
+def deployments() -> dict[str, dict[str, Any]]:
+    doc = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
+    return {d["name"]: d for d in doc["deployments"]}
+
+
+def entrypoint_function(entrypoint: str) -> Any:
+    path, name = entrypoint.split(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, name)
+
+
+def test_prefect_yaml_has_the_three_deployments() -> None:
+    doc = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
+    assert doc["name"] == "profile-relay"
+    assert str(doc["prefect-version"]).startswith("3.")
+    assert any("prefect.deployments.steps.set_working_directory" in step
+               for step in doc["pull"])
+    deps = deployments()
+    assert set(deps) == {"stream", "backfill", "replay"}
+    for dep in deps.values():
+        assert dep["work_pool"]["name"] == "profile-relay"
+
+
+@pytest.mark.parametrize("name", ["stream", "backfill", "replay"])
+def test_prefect_yaml_entrypoints_accept_their_parameters(name: str) -> None:
+    dep = deployments()[name]
+    flow = entrypoint_function(dep["entrypoint"])
+    assert hasattr(flow, "to_deployment"), f"{dep['entrypoint']} is not a Prefect flow"
+    signature = inspect.signature(flow.fn)
+    params = dep.get("parameters") or {}
+    unknown = set(params) - set(signature.parameters)
+    assert not unknown, f"{name}: parameters the flow does not take: {unknown}"
+    required = {p.name for p in signature.parameters.values()
+                if p.default is inspect.Parameter.empty}
+    assert required <= set(params), f"{name}: required parameters missing: {required - set(params)}"
+    assert (ROOT / dep["entrypoint"].split(":")[0]).is_file()
+
+
+def test_prefect_yaml_schedules() -> None:
+    deps = deployments()
+    stream = deps["stream"]
+    [schedule] = stream["schedules"]
+    assert schedule["interval"] == stream["parameters"]["run_seconds"]
+    assert "concurrency_limit" not in stream  # a leaked slot would stop streaming for good
+    assert not deps["backfill"].get("schedules")
+    [replay] = deps["replay"]["schedules"]
+    assert replay["cron"] == "*/15 * * * *"
+
+
+def test_prefect_yaml_parameters_point_at_a_valid_config() -> None:
+    for dep in deployments().values():
+        config = load_config(ROOT / dep["parameters"]["config_path"])
+        dataflow = dep["parameters"].get("dataflow")
+        if dataflow is not None:
+            config.dataflow(dataflow)
+
+
+def test_prefect_yaml_holds_no_secrets() -> None:
+    text = PREFECT_YAML.read_text(encoding="utf-8")
+    assert "whsec_" not in text and "Bearer " not in text
+    for line in text.splitlines():
+        code = line.split("#", 1)[0]
+        if re.search(r"(token|secret|password)\s*:", code, re.I):
+            assert "{{" in code or "${" in code, line
+
+
+# --- examples -----------------------------------------------------------------------------
+
+
+def test_bundled_examples_match_the_top_level_copies() -> None:
+    for name in ("config.yaml", "profiles.ndjson"):
+        assert filecmp.cmp(ROOT / "examples" / name, ROOT / "flows" / "examples" / name,
+                           shallow=False), f"examples/{name} and flows/examples/{name} differ"
+
+
+def test_example_profiles_ingest_cleanly(tmp_path: Path) -> None:
+    config = load_config(ROOT / "examples" / "config.yaml")
+    db = open_db(tmp_path / "relay.db")
+    try:
+        result = ingest_files(db, [str(ROOT / "examples" / "profiles.ndjson")],
+                              frozenset(s.id for s in config.segments))
+    finally:
+        db.conn.close()
+    assert (result.ingested, result.rejected) == (50, 0)
+
+
+# --- serve --------------------------------------------------------------------------------
+
+
+def test_serve_builds_stream_backfill_and_replay_deployments() -> None:
+    from flows.serve import build_deployments
+
+    config_path = ROOT / "examples" / "config.yaml"
+    built = {d.name: d for d in build_deployments(config_path, load_config(config_path),
+                                                   interval=1.0, run_seconds=600)}
+    assert set(built) == {"stream", "backfill", "replay"}
+    path = str(config_path.resolve())
+    stream = built["stream"]
+    assert stream.parameters == {"config_path": path, "interval": 1.0, "run_seconds": 600}
+    [schedule] = stream.schedules
+    assert schedule.schedule.interval.total_seconds() == 600
+    assert not built["backfill"].schedules
+    assert built["backfill"].parameters == {"config_path": path, "dataflow": "local-stream"}
+    assert built["replay"].schedules[0].schedule.cron == "*/15 * * * *"
+    assert built["replay"].parameters == {"config_path": path, "dataflow": "local-stream"}
+
+
+def test_serve_gives_each_dataflow_its_replay_deployment(tmp_path: Path) -> None:
+    from flows.serve import build_deployments
+
+    doc = yaml.safe_load((ROOT / "examples" / "config.yaml").read_text(encoding="utf-8"))
+    doc["dataflows"].append({**doc["dataflows"][0], "name": "second"})
+    config_path = tmp_path / "two.yaml"
+    config_path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    built = {d.name: d for d in build_deployments(config_path, load_config(config_path))}
+    assert set(built) == {"stream", "backfill", "replay-local-stream", "replay-second"}
+    assert "dataflow" not in built["backfill"].parameters  # chosen per run
+    assert built["replay-second"].parameters["dataflow"] == "second"
+
+
+async def _read_until(stream: asyncio.StreamReader, pattern: str, seen: list[str],
+                      timeout: float) -> str:
+    async def scan() -> str:
+        while True:
+            line = (await stream.readline()).decode()
+            if not line:
+                raise AssertionError("process ended early:\n" + "".join(seen))
+            seen.append(line)
+            if pattern in line:
+                return line
+    return await asyncio.wait_for(scan(), timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_serve_runs_the_stream_deployment_and_stops_cleanly(
+        tmp_path: Path, prefect_home: Path, stop: signal.Signals) -> None:
+    """Subprocess with its own Prefect server; the first stream run delivers the backfill,
+    then SIGINT (Ctrl-C) or SIGTERM stops everything, the running stream run included.
+    12 to 30 s each (18 s when it migrates the shared PREFECT_HOME), hence slow."""
+    async with Receiver() as receiver:
+        config = tmp_path / "relay.yaml"
+        text = (ROOT / "examples" / "config.yaml").read_text(encoding="utf-8")
+        config.write_text(text.replace("http://127.0.0.1:8080/hook", f"{receiver.base_url}/hook"),
+                          encoding="utf-8")
+        result = await asyncio.to_thread(CliRunner().invoke, app, [
+            "ingest", "-c", str(config), str(ROOT / "examples" / "profiles.ndjson")])
+        assert result.exit_code == 0, result.output
+        proc = await asyncio.create_subprocess_exec(
+            str(RELAY), "serve", "-c", str(config), "--run-seconds", "30", "--interval", "1",
+            "--prefect-port", "0", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
+            env=offline_env(prefect_home))
+        seen: list[str] = []
+        assert proc.stdout is not None
+        try:
+            line = await _read_until(proc.stdout, "starting a local Prefect server", seen, 30)
+            port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
+            await _read_until(proc.stdout, "serving 3 deployment(s)", seen, 150)
+            deadline = time.monotonic() + 90
+            while len(receiver.requests) < 26 and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            assert len(receiver.requests) == 26, "".join(seen)
+            proc.send_signal(stop)
+            rest, _ = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    output = "".join(seen) + rest.decode()
+    assert proc.returncode == 0, output
+    assert "serve stopped" in output
+    assert "Traceback" not in output, output
+    try:  # the Prefect server it started is gone too
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        pass
+    else:
+        writer.close()
+        pytest.fail(f"the Prefect server on port {port} still accepts connections")
+
+
+def test_serve_rejects_a_bad_cron(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["serve", "-c", str(ROOT / "examples" / "config.yaml"),
+                                      "--replay-cron", "every now and then"])
+    assert result.exit_code == 2
+    assert "not a valid cron expression" in result.stderr
+
+
+# --- demo ---------------------------------------------------------------------------------
+
+
+def test_demo_refuses_to_wipe_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["demo", "--dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not empty and was not made by the demo" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+async def test_demo_runs_end_to_end(tmp_path: Path, prefect_home: Path) -> None:
+    scratch = tmp_path / "demo"
+    scratch.mkdir()
+    (scratch / "leftover.txt").write_text("from an earlier demo")
+    (scratch / ".profile-relay-demo").write_text("")
+    proc = await asyncio.create_subprocess_exec(
+        str(RELAY), "demo", "--dir", str(scratch), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=tmp_path, env=offline_env(prefect_home))
+    try:
+        out, errors = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = out.decode()
+    assert proc.returncode == 0, text + errors.decode()
+    assert "demo OK: the receiver got exactly the 30 expected requests" in text
+    assert "unmapped attribute: no export (as the spec says" in text
+    assert "Traceback" not in errors.decode(), errors.decode()
+    assert not (scratch / "leftover.txt").exists()
+    recorded = [orjson.loads(x) for x in (scratch / "receiver.ndjson").read_bytes().splitlines()]
+    assert len(recorded) == 30
+    assert all(r["status"] == 200 for r in recorded)
+    assert load_config(scratch / "relay.yaml").dataflows[0].name == "demo-stream"
