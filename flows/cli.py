@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,12 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-# Prefect's temporary server gets 20 s to start by default; a fresh PREFECT_HOME spends
-# about 15 s migrating, so a first run on a slow or busy machine would time out.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
+import flows.common  # noqa: F401  (first: Prefect's offline and start-up settings)
 from destinations.config import Config, ConfigError, inline_secrets, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
