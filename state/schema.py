@@ -126,4 +126,38 @@ MIGRATIONS: list[str] = [
     DROP INDEX profile_segments_by_segment;
     CREATE INDEX profile_segments_by_segment ON profile_segments (segment_id)
     """,
+    # 3: the outbox as a rowid table. As WITHOUT ROWID, each ~1 KB body spilled into a 4 KB
+    # overflow page of its own (about 4.7 KB per queued export); as a rowid table the store
+    # is a third of the size, backfill writes ~27 % less, and draining is ~2.5x faster
+    # (bench/dispatch.py). The due index reads fresh exports in seq order up to a limit.
+    """
+    CREATE TABLE outbox_v3 (
+        id INTEGER PRIMARY KEY,
+        dataflow TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        shard INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        idempotency_key TEXT NOT NULL,
+        body BLOB NOT NULL,
+        reason TEXT NOT NULL,
+        change_at INTEGER NOT NULL,
+        enqueued_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL DEFAULT 0,
+        first_attempt_at INTEGER,
+        last_attempt_at INTEGER,
+        last_status INTEGER,
+        last_error TEXT,
+        UNIQUE (dataflow, profile_id)
+    );
+    INSERT INTO outbox_v3 (dataflow, profile_id, shard, seq, idempotency_key, body, reason,
+        change_at, enqueued_at, attempts, next_attempt_at, first_attempt_at, last_attempt_at,
+        last_status, last_error)
+    SELECT dataflow, profile_id, shard, seq, idempotency_key, body, reason, change_at,
+        enqueued_at, attempts, next_attempt_at, first_attempt_at, last_attempt_at, last_status,
+        last_error FROM outbox ORDER BY seq;
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v3 RENAME TO outbox;
+    CREATE INDEX outbox_due ON outbox (dataflow, next_attempt_at, seq)
+    """,
 ]

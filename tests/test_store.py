@@ -14,7 +14,10 @@ def test_old_database_is_migrated_with_its_data(tmp_path):
     conn = sqlite3.connect(path)
     conn.executescript(MIGRATIONS[0] + ";\nCREATE TABLE schema_version (version INTEGER NOT NULL);"
                        "INSERT INTO schema_version VALUES (1);"
-                       "INSERT INTO profile_segments VALUES ('p-1', 'seg-a', 'realized', NULL);")
+                       "INSERT INTO profile_segments VALUES ('p-1', 'seg-a', 'realized', NULL);"
+                       "INSERT INTO outbox (dataflow, profile_id, shard, seq, idempotency_key, body,"
+                       " reason, change_at, enqueued_at) VALUES ('f', 'p-1', 1, 7, 'k', x'7b7d',"
+                       " 'attribute', 1, 2);")
     conn.close()
     db = open_db(path)
     assert db.conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] == len(MIGRATIONS)
@@ -22,6 +25,11 @@ def test_old_database_is_migrated_with_its_data(tmp_path):
                                 "'profile_segments_by_segment'").fetchone()[0]
     assert "status" not in index_sql
     assert db.conn.execute("SELECT status FROM profile_segments").fetchone()[0] == "realized"
+    # the outbox moved to a rowid table with its waiting export intact
+    assert db.conn.execute("SELECT profile_id, seq, body, attempts FROM outbox").fetchall() == [
+        ("p-1", 7, b"{}", 0)]
+    outbox_sql = db.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'outbox'").fetchone()[0]
+    assert "WITHOUT ROWID" not in outbox_sql and "UNIQUE (dataflow, profile_id)" in outbox_sql
 
 
 def test_reopening_is_a_no_op(tmp_path):
