@@ -27,6 +27,7 @@ from tasks.export import (
 
 MAX_BATCHES_PER_PASS = 20
 SUMMARY_EVERY_SECONDS = 60.0
+SENDER_WAIT_SECONDS = 60.0
 
 
 async def dispatch_pending(db: sqlite_utils.Database, config: Config, flow_: Dataflow,
@@ -44,7 +45,10 @@ async def dispatch_pending(db: sqlite_utils.Database, config: Config, flow_: Dat
                 return  # only exports waiting for their backoff: no task run
             await asyncio.sleep(min(wait, dest.max_retry_after_seconds))
         try:
-            await dispatch_task(db, flow_.name, dest)
+            # --once and replay wait for a concurrent sender (it releases the outbox after
+            # each of its passes); a streaming pass leaves the work to it and moves on.
+            await dispatch_task(db, flow_.name, dest,
+                                wait_seconds=SENDER_WAIT_SECONDS if until_empty else 0.0)
         except RetryableDelivery as exc:  # retries spent; the exports wait in the outbox
             get_run_logger().warning("%s: %s", flow_.name, exc)
         if not until_empty:

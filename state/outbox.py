@@ -3,8 +3,10 @@ and the failed-request store with its replay bookkeeping."""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import orjson
 import sqlite_utils
@@ -51,19 +53,32 @@ def due(db: sqlite_utils.Database, dataflow: str, now: int, limit: int,
         shards: tuple[int, int] | None = None, tried_before: int | None = None) -> list[Pending]:
     """Exports waiting in the outbox whose next attempt is due, oldest change first.
     ``shards``: (index, count) to take only this worker's share of the profiles;
-    ``tried_before``: skip exports attempted at or after this time (one try per drain)."""
-    sql = ("SELECT profile_id, seq, idempotency_key, body, reason, change_at, attempts, "
-           "first_attempt_at FROM outbox WHERE dataflow = ? AND next_attempt_at <= ?")
-    args: list = [dataflow, now]
+    ``tried_before``: skip exports attempted at or after this time (one try per drain).
+
+    Read in two parts, merged by seq: exports never tried (``next_attempt_at`` is 0 until
+    a retryable failure sets it to a time) and exports whose retry time has come. With an
+    index on ``(dataflow, next_attempt_at, seq)`` the first part is read in seq order and
+    stops at ``limit`` instead of sorting the whole backlog on every call."""
+    if now < 0:
+        return []
+    where = ""
+    extra: list = []
     if tried_before is not None:
-        sql += " AND (last_attempt_at IS NULL OR last_attempt_at < ?)"
-        args.append(tried_before)
+        where += " AND (last_attempt_at IS NULL OR last_attempt_at < ?)"
+        extra.append(tried_before)
     if shards is not None:
-        sql += " AND shard % ? = ?"
-        args += [shards[1], shards[0]]
-    sql += " ORDER BY seq LIMIT ?"
-    args.append(limit)
-    return [Pending(*row) for row in db.conn.execute(sql, args)]
+        where += " AND shard % ? = ?"
+        extra += [shards[1], shards[0]]
+    columns = ("SELECT profile_id, seq, idempotency_key, body, reason, change_at, attempts, "
+               "first_attempt_at FROM outbox WHERE dataflow = ? ")
+    conn = db.conn
+    fresh = conn.execute(f"{columns}AND next_attempt_at = 0{where} ORDER BY seq LIMIT ?",
+                         [dataflow, *extra, limit]).fetchall()
+    retries = conn.execute(f"{columns}AND next_attempt_at > 0 AND next_attempt_at <= ?{where} "
+                           "ORDER BY seq LIMIT ?", [dataflow, now, *extra, limit]).fetchall()
+    if retries:
+        fresh = list(heapq.merge(fresh, retries, key=itemgetter(1)))[:limit]
+    return [Pending(*row) for row in fresh]
 
 
 def pending_count(db: sqlite_utils.Database, dataflow: str) -> int:
@@ -115,34 +130,78 @@ def open_failures(db: sqlite_utils.Database, dataflow: str) -> list[FailedEntry]
         "FROM failed_requests WHERE dataflow = ? AND state = 'failed' ORDER BY id", (dataflow,))]
 
 
-def delivered_seqs(db: sqlite_utils.Database, dataflow: str,
-                   profile_ids: Sequence[str]) -> dict[str, int]:
-    return dict(db.conn.execute(
-        "SELECT profile_id, delivered_seq FROM dataflow_profiles WHERE dataflow = ? "
-        "AND profile_id IN (SELECT value FROM json_each(?))",
-        (dataflow, orjson.dumps(list(profile_ids)).decode())).fetchall())
-
-
-def queued_seqs(db: sqlite_utils.Database, dataflow: str,
-                profile_ids: Sequence[str]) -> dict[str, int]:
-    return dict(db.conn.execute(
-        "SELECT profile_id, seq FROM outbox WHERE dataflow = ? "
-        "AND profile_id IN (SELECT value FROM json_each(?))",
-        (dataflow, orjson.dumps(list(profile_ids)).decode())).fetchall())
-
-
 def requeue(db: sqlite_utils.Database, dataflow: str,
-            resend: Sequence[tuple[FailedEntry, bytes]], superseded: Sequence[FailedEntry]) -> None:
+            resend: Sequence[tuple[FailedEntry, bytes]],
+            superseded: Sequence[FailedEntry]) -> list[FailedEntry]:
     """Replay bookkeeping in one transaction: re-sent entries go back to the outbox with the
-    profile's current state under their original idempotency key; superseded ones close."""
+    profile's current state under their original idempotency key; superseded ones close.
+
+    Whether a newer state was delivered or queued is asked again inside the transaction:
+    a concurrent stream run may have delivered one since the replay made its plan, and
+    re-sending the older export after it would break the order per profile. Such entries
+    close as superseded too. Returns the entries actually put back in the outbox."""
     now = now_ms()
     with write_txn(db) as conn:
+        pids = orjson.dumps([e.profile_id for e, _ in resend]).decode()
+        delivered = dict(conn.execute(
+            "SELECT profile_id, delivered_seq FROM dataflow_profiles WHERE dataflow = ? "
+            "AND profile_id IN (SELECT value FROM json_each(?))", (dataflow, pids)).fetchall())
+        queued = {pid for (pid,) in conn.execute(
+            "SELECT profile_id FROM outbox WHERE dataflow = ? "
+            "AND profile_id IN (SELECT value FROM json_each(?))", (dataflow, pids))}
+        keep = [(e, body) for e, body in resend
+                if e.profile_id not in queued and delivered.get(e.profile_id, 0) <= e.seq]
+        kept = {e.id for e, _ in keep}
+        late = [e for e, _ in resend if e.id not in kept]
         conn.executemany(
             "INSERT INTO outbox (dataflow, profile_id, shard, seq, idempotency_key, body, reason, "
             "change_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, 'replay', ?, ?) "
             "ON CONFLICT (dataflow, profile_id) DO NOTHING",
             [(dataflow, e.profile_id, shard_of(e.profile_id), e.seq, e.idempotency_key, body,
-              now, now) for e, body in resend])
+              now, now) for e, body in keep])
         conn.executemany("UPDATE failed_requests SET state = ?, resolved_at = ? WHERE id = ?",
-                         [("requeued", now, e.id) for e, _ in resend]
-                         + [("superseded", now, e.id) for e in superseded])
+                         [("requeued", now, e.id) for e, _ in keep]
+                         + [("superseded", now, e.id) for e in (*superseded, *late)])
+    return [e for e, _ in keep]
+
+
+class SendLock:
+    """Held by the one process sending a dataflow's outbox; see :func:`try_lock_sending`."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import os
+
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def try_lock_sending(db: sqlite_utils.Database, dataflow: str,
+                     shards: tuple[int, int] | None = None) -> SendLock | None:
+    """Take the right to send ``dataflow``'s outbox (or one shard set of it), or None when
+    another process has it. A sender works from a round of exports read up front, so a
+    second sender could deliver a profile's newer state and then see the first deliver the
+    older one (SPEC "Delivery": in order per profile). An flock on a file beside the store
+    keeps one sender at a time, e.g. a stream run and a replay; the kernel drops it when
+    the holder dies, so a killed process never leaves it held."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: one process at a time is the user's job
+        return SendLock(None)
+    import hashlib
+    import os
+
+    path = db.conn.execute("PRAGMA database_list").fetchone()[2]
+    if not path:  # an in-memory store has one process by construction
+        return SendLock(None)
+    name = hashlib.sha256(f"{dataflow}\0{shards}".encode()).hexdigest()[:16]
+    fd = os.open(f"{path}-send-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return SendLock(fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,7 +30,9 @@ from state.db import now_ms
 
 MAX_ATTEMPTS = 3
 ROUND_SIZE = 5_000
+FLUSH_SHARE = 4  # outcomes are committed in groups of max_in_flight / FLUSH_SHARE (send_round)
 SEQUENCE_HEADER = "X-Relay-Sequence"
+LOCK_POLL_SECONDS = 0.05  # how often a waiting dispatcher asks for the send lock again
 
 
 class RetryableDelivery(Exception):
@@ -80,26 +83,47 @@ def _judge(item: outbox.Pending, outcome: Outcome, dest: Destination,
 async def send_round(db: sqlite_utils.Database, flow_name: str, dest: Destination,
                      sender: Sender, bucket: TokenBucket,
                      items: list[outbox.Pending]) -> DispatchSummary:
-    """Send each item once through a fixed pool of workers, then record the round."""
+    """Send each item once through a fixed pool of workers, committing outcomes in small
+    groups as they come in. Sent-but-unrecorded exports (in flight, or answered and not
+    yet committed) never exceed ``max_in_flight``: the workers use ``max_in_flight - group
+    + 1`` of it and a group is at most ``group`` outcomes. So a crash re-sends (as
+    duplicates under the same Idempotency-Key) at most ``max_in_flight`` exports."""
     results: dict[str, list[outbox.Attempt]] = {"delivered": [], "retrying": [], "failed": []}
+    pending: dict[str, list[outbox.Attempt]] = {"delivered": [], "retrying": [], "failed": []}
     summary = DispatchSummary()
     queue: asyncio.Queue[outbox.Pending] = asyncio.Queue()
     for item in items:
         queue.put_nowait(item)
+    group = max(1, dest.max_in_flight // FLUSH_SHARE)
+    unrecorded = 0
+
+    def flush() -> None:  # synchronous: no other worker runs while a group is recorded
+        nonlocal unrecorded
+        outbox.record(db, flow_name, pending["delivered"], pending["retrying"], pending["failed"])
+        for kind, attempts in pending.items():
+            results[kind] += attempts
+            attempts.clear()
+        unrecorded = 0
 
     async def worker() -> None:
+        nonlocal unrecorded
         while not queue.empty():
             item = queue.get_nowait()
             await bucket.acquire()
             outcome = await sender.send(item.body, item.idempotency_key,
                                         {SEQUENCE_HEADER: str(item.seq)})
             kind, attempt = _judge(item, outcome, dest, now_ms())
-            results[kind].append(attempt)
+            pending[kind].append(attempt)
+            unrecorded += 1
             if outcome.error:
                 summary.last_error = outcome.error
+            if unrecorded >= group:
+                flush()
 
-    await asyncio.gather(*(worker() for _ in range(min(dest.max_in_flight, len(items)))))
-    outbox.record(db, flow_name, results["delivered"], results["retrying"], results["failed"])
+    await asyncio.gather(*(worker() for _ in range(min(dest.max_in_flight - group + 1,
+                                                          len(items)))))
+    if unrecorded:
+        flush()
     summary.sent = len(items)
     summary.delivered = len(results["delivered"])
     summary.retried = len(results["retrying"])
@@ -140,18 +164,32 @@ def _is_retryable(task_obj: object, task_run: object, state: object) -> bool:
 @task(name="dispatch", retries=2, retry_delay_seconds=0, retry_jitter_factor=None,
       retry_condition_fn=_is_retryable, cache_policy=NO_CACHE)
 async def dispatch_task(db: sqlite_utils.Database, flow_name: str, dest: Destination,
-                        shards: tuple[int, int] | None = None) -> dict[str, int | str | None]:
+                        shards: tuple[int, int] | None = None,
+                        wait_seconds: float = 0.0) -> dict[str, int | str | None]:
     """Drain the outbox once; raise RetryableDelivery so Prefect retries what is left.
 
     The wait between task retries is each export's own backoff (with Retry-After), taken
-    at the start of the retry, so the delay is per export rather than fixed on the task."""
+    at the start of the retry, so the delay is per export rather than fixed on the task.
+    Only one process sends a dataflow at a time: when another one is sending (a stream
+    run and a replay, say), this waits up to ``wait_seconds`` for it and otherwise
+    returns with ``busy`` set, leaving the outbox to that sender."""
     ctx = TaskRunContext.get()
     run_count = ctx.task_run.run_count if ctx else 1
     if run_count > 1:
         await wait_until_due(db, flow_name, dest)
-    async with Sender(dest) as sender:
-        bucket = TokenBucket(rate_limit_for(flow_name, dest))
-        summary = await drain(db, flow_name, dest, sender, bucket, shards=shards)
+    lock = outbox.try_lock_sending(db, flow_name, shards)
+    deadline = time.monotonic() + wait_seconds
+    while lock is None and time.monotonic() < deadline:
+        await asyncio.sleep(LOCK_POLL_SECONDS)
+        lock = outbox.try_lock_sending(db, flow_name, shards)
+    if lock is None:
+        return {"sent": 0, "delivered": 0, "failed": 0, "last_error": None, "busy": 1}
+    try:
+        async with Sender(dest) as sender:
+            bucket = TokenBucket(rate_limit_for(flow_name, dest))
+            summary = await drain(db, flow_name, dest, sender, bucket, shards=shards)
+    finally:
+        lock.release()
     left = outbox.pending_count(db, flow_name)
     if summary.retried and left:
         raise RetryableDelivery(left, summary.last_error)

@@ -19,12 +19,12 @@ class ReplayPlan:
 
 def requeue_failures(db: sqlite_utils.Database, flow_name: str, spec: PayloadSpec) -> ReplayPlan:
     """Re-queue each profile's newest failed export with its current state and original
-    idempotency key. Older entries of the same profile, and entries whose profile has
-    since been delivered or queued with a newer state, are marked superseded."""
-    entries = outbox.open_failures(db, flow_name)
+    idempotency key. Older entries of the same profile are superseded, and so are entries
+    whose profile has a newer state delivered or waiting (``outbox.requeue`` checks that in
+    its transaction)."""
     newest: dict[str, outbox.FailedEntry] = {}
     superseded: list[outbox.FailedEntry] = []
-    for entry in entries:
+    for entry in outbox.open_failures(db, flow_name):
         held = newest.get(entry.profile_id)
         if held is None or entry.seq >= held.seq:
             if held is not None:
@@ -32,18 +32,10 @@ def requeue_failures(db: sqlite_utils.Database, flow_name: str, spec: PayloadSpe
             newest[entry.profile_id] = entry
         else:
             superseded.append(entry)
-    pids = list(newest)
-    delivered = outbox.delivered_seqs(db, flow_name, pids)
-    queued = outbox.queued_seqs(db, flow_name, pids)
-    profiles = load_profiles(db, pids)
-    resend: list[tuple[outbox.FailedEntry, bytes]] = []
-    for pid, entry in newest.items():
-        newer = max(delivered.get(pid, 0), queued.get(pid, 0))
-        if newer > entry.seq or pid not in profiles:
-            superseded.append(entry)
-        elif pid in queued:
-            superseded.append(entry)  # the same state is already waiting to be sent
-        else:
-            resend.append((entry, encode(build_payload(profiles[pid], spec))))
-    outbox.requeue(db, flow_name, resend, superseded)
-    return ReplayPlan([e for e, _ in resend], superseded)
+    profiles = load_profiles(db, list(newest))
+    resend = [(entry, encode(build_payload(profiles[pid], spec)))
+              for pid, entry in newest.items() if pid in profiles]
+    superseded += [entry for pid, entry in newest.items() if pid not in profiles]
+    requeued = outbox.requeue(db, flow_name, resend, superseded)
+    late = [entry for entry, _ in resend if entry not in requeued]
+    return ReplayPlan(requeued, superseded + late)
