@@ -55,14 +55,18 @@ def _pick(attributes: dict[str, Any], paths: Sequence[tuple[str, ...]]) -> dict[
                 break
             node = node[key]
         else:
-            target = out
-            for key in path[:-1]:
-                nxt = target.get(key)
-                if not isinstance(nxt, dict):
-                    nxt = target[key] = {}
-                target = nxt
-            target[path[-1]] = node
+            set_path(out, path, node)
     return out
+
+
+def set_path(doc: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    """Put ``value`` at ``path`` in ``doc``, making the objects on the way."""
+    for key in path[:-1]:
+        child = doc.get(key)
+        if not isinstance(child, dict):
+            child = doc[key] = {}
+        doc = child
+    doc[path[-1]] = value
 
 
 def segment_extras(seg_id: str, spec: PayloadSpec) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from destinations.outcome import Outcome
 from destinations.sender import USER_AGENT, Sender
 from state.db import now_ms
 from state.profiles import StoredProfile
-from tasks.payload import PayloadSpec, build_payload, encode
+from tasks.payload import PayloadSpec, build_payload, encode, set_path
 
 SAMPLE_PROFILE_ID = "profile-relay-test-send"
 SHOW_BODY_BYTES = 300
@@ -70,17 +70,6 @@ def sample_value(path: str) -> Any:
     return "sample value"
 
 
-def _set_path(doc: dict[str, Any], path: str, value: Any) -> None:
-    keys = path.split(".")
-    node = doc
-    for key in keys[:-1]:
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = node[key] = {}
-        node = child
-    node[keys[-1]] = value
-
-
 @dataclass(frozen=True)
 class SampleExport:
     dataflow: str | None   # the dataflow it was modelled on (None: no dataflow uses it)
@@ -98,7 +87,7 @@ def sample_export(config: Config, destination: str) -> SampleExport:
     mapping_times: dict[str, tuple[int, int]] = {}
     if flow is not None:
         for path in flow.attributes:
-            _set_path(attributes, path, sample_value(path))
+            set_path(attributes, path.split("."), sample_value(path))
         now = now_ms()
         for seg in flow.segments:
             segments[seg] = ("realized", now_iso)
