@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ from state.db import now_ms
 
 MAX_ATTEMPTS = 3
 ROUND_SIZE = 5_000
-FLUSH_SHARE = 4  # outcomes are committed in groups of max_in_flight / FLUSH_SHARE (send_round)
+COMMIT_GROUP = 0.5  # share of max_in_flight whose outcomes are committed together
 SEQUENCE_HEADER = "X-Relay-Sequence"
 LOCK_POLL_SECONDS = 0.05  # how often a waiting dispatcher asks for the send lock again
 
@@ -83,47 +84,66 @@ def _judge(item: outbox.Pending, outcome: Outcome, dest: Destination,
 async def send_round(db: sqlite_utils.Database, flow_name: str, dest: Destination,
                      sender: Sender, bucket: TokenBucket,
                      items: list[outbox.Pending]) -> DispatchSummary:
-    """Send each item once through a fixed pool of workers, committing outcomes in small
-    groups as they come in. Sent-but-unrecorded exports (in flight, or answered and not
-    yet committed) never exceed ``max_in_flight``: the workers use ``max_in_flight - group
-    + 1`` of it and a group is at most ``group`` outcomes. So a crash re-sends (as
-    duplicates under the same Idempotency-Key) at most ``max_in_flight`` exports."""
-    results: dict[str, list[outbox.Attempt]] = {"delivered": [], "retrying": [], "failed": []}
-    pending: dict[str, list[outbox.Attempt]] = {"delivered": [], "retrying": [], "failed": []}
-    summary = DispatchSummary()
-    queue: asyncio.Queue[outbox.Pending] = asyncio.Queue()
-    for item in items:
-        queue.put_nowait(item)
-    group = max(1, dest.max_in_flight // FLUSH_SHARE)
-    unrecorded = 0
+    """Send each item once through a fixed pool of workers while a committer records the
+    outcomes in groups as they come in.
 
-    def flush() -> None:  # synchronous: no other worker runs while a group is recorded
-        nonlocal unrecorded
-        outbox.record(db, flow_name, pending["delivered"], pending["retrying"], pending["failed"])
-        for kind, attempts in pending.items():
-            results[kind] += attempts
-            attempts.clear()
-        unrecorded = 0
+    A semaphore of ``max_in_flight`` slots is taken before a request is sent and given
+    back only once its outcome is committed: sent-but-unrecorded exports never exceed
+    ``max_in_flight``, so a crash re-sends (as duplicates under the same Idempotency-Key)
+    at most that many. A group is committed when it reaches ``COMMIT_GROUP`` of the slots,
+    or when every slot waits for a commit."""
+    results: dict[str, list[outbox.Attempt]] = {"delivered": [], "retrying": [], "failed": []}
+    summary = DispatchSummary()
+    queue = deque(items)
+    slots = asyncio.Semaphore(dest.max_in_flight)
+    pending: list[tuple[str, outbox.Attempt]] = []
+    wake = asyncio.Event()
+    finished = False
+    group = max(1, int(dest.max_in_flight * COMMIT_GROUP))
 
     async def worker() -> None:
-        nonlocal unrecorded
-        while not queue.empty():
-            item = queue.get_nowait()
+        while queue:
+            item = queue.popleft()
+            await slots.acquire()
             await bucket.acquire()
             outcome = await sender.send(item.body, item.idempotency_key,
                                         {SEQUENCE_HEADER: str(item.seq)})
-            kind, attempt = _judge(item, outcome, dest, now_ms())
-            pending[kind].append(attempt)
-            unrecorded += 1
+            pending.append(_judge(item, outcome, dest, now_ms()))
             if outcome.error:
                 summary.last_error = outcome.error
-            if unrecorded >= group:
-                flush()
+            if len(pending) >= group or slots.locked():
+                wake.set()
 
-    await asyncio.gather(*(worker() for _ in range(min(dest.max_in_flight - group + 1,
-                                                          len(items)))))
-    if unrecorded:
-        flush()
+    async def committer() -> None:
+        while True:
+            if pending and (finished or len(pending) >= group or slots.locked()):
+                batch = pending[:]
+                pending.clear()
+                by_kind: dict[str, list[outbox.Attempt]] = {k: [] for k in results}
+                for kind, attempt in batch:
+                    by_kind[kind].append(attempt)
+                outbox.record(db, flow_name, by_kind["delivered"], by_kind["retrying"],
+                              by_kind["failed"])
+                for kind, attempts in by_kind.items():
+                    results[kind] += attempts
+                for _ in batch:
+                    slots.release()
+                await asyncio.sleep(0)  # let the senders run between commits
+            elif finished:
+                return
+            else:
+                await wake.wait()
+                wake.clear()
+
+    async def send_all() -> None:
+        nonlocal finished
+        await asyncio.gather(*(worker() for _ in range(min(dest.max_in_flight, len(items)))))
+        finished = True
+        wake.set()
+
+    async with asyncio.TaskGroup() as tasks:  # a failing commit cancels the senders
+        tasks.create_task(committer())
+        tasks.create_task(send_all())
     summary.sent = len(items)
     summary.delivered = len(results["delivered"])
     summary.retried = len(results["retrying"])
