@@ -27,6 +27,7 @@ from tasks.export import (
 
 MAX_BATCHES_PER_PASS = 20
 SUMMARY_EVERY_SECONDS = 60.0
+DELIVERY_LOG_KEEP_MS = 7 * 24 * 3_600_000  # status reads the last hour; keep a week
 SENDER_WAIT_SECONDS = 60.0
 
 
@@ -106,6 +107,7 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
             break
         if now - last_summary >= SUMMARY_EVERY_SECONDS:
             await publish_stream_summary(db, config, flows_, started)
+            outbox.prune_deliveries(db, int(time.time() * 1000) - DELIVERY_LOG_KEEP_MS)
             last_summary = now
         await asyncio.sleep(max(0.0, interval - (now - tick)))
     await publish_stream_summary(db, config, flows_, started)

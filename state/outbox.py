@@ -130,6 +130,14 @@ def open_failures(db: sqlite_utils.Database, dataflow: str) -> list[FailedEntry]
         "FROM failed_requests WHERE dataflow = ? AND state = 'failed' ORDER BY id", (dataflow,))]
 
 
+def prune_deliveries(db: sqlite_utils.Database, older_than_ms: int) -> int:
+    """Drop delivery-log rows older than ``older_than_ms`` (epoch ms); returns how many.
+    The log feeds status and latency figures; left alone it grows with every request."""
+    with write_txn(db) as conn:
+        return conn.execute("DELETE FROM deliveries WHERE delivered_at < ?",
+                            (older_than_ms,)).rowcount
+
+
 def requeue(db: sqlite_utils.Database, dataflow: str,
             resend: Sequence[tuple[FailedEntry, bytes]],
             superseded: Sequence[FailedEntry]) -> list[FailedEntry]:
