@@ -1,7 +1,7 @@
 """Dispatch benchmark: ``drain`` from the outbox against a bare aiohttp loop, in the same run.
 
     .venv/bin/python bench/dispatch.py [--n N] [--quick] [--repeats R] [--concurrency C]
-        [--shards K] [--profile-cpu] [--no-uvloop] [--preview-outbox-migration]
+        [--shards K] [--profile-cpu] [--no-uvloop]
 
 1. ENDPOINT: a raw ``asyncio.Protocol`` HTTP/1.1 keep-alive server in its own process
    (headers up to the blank line, a Content-Length body, ``200 ok``); it counts requests.
@@ -480,29 +480,6 @@ def check_due_partition(template: Path, work: Path, n: int) -> list[str]:
 # --- main -------------------------------------------------------------------------------
 
 
-def preview_outbox_migration(path: Path) -> None:
-    """Rebuild the template's outbox the way a proposed migration would (``--preview-...``):
-    a rowid table, so ~1 KB bodies sit in the leaf pages instead of each spilling into an
-    overflow page of its own (a WITHOUT ROWID row holds at most ~1,000 bytes in a 4 KB
-    page), and the due index extended with seq, so ``outbox.due`` stops at its limit."""
-    import sqlite3
-
-    conn = sqlite3.connect(path, isolation_level=None)
-    sql = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'outbox'").fetchone()[0]
-    body = sql[sql.index("(") + 1:sql.rindex(")")]
-    body = body.replace("PRIMARY KEY (dataflow, profile_id)", "UNIQUE (dataflow, profile_id)")
-    conn.execute("BEGIN")
-    conn.execute(f"CREATE TABLE outbox_new ({body})")
-    conn.execute("INSERT INTO outbox_new SELECT * FROM outbox ORDER BY seq")
-    conn.execute("DROP TABLE outbox")
-    conn.execute("ALTER TABLE outbox_new RENAME TO outbox")
-    conn.execute("CREATE INDEX outbox_due ON outbox (dataflow, next_attempt_at, seq)")
-    conn.execute("COMMIT")
-    conn.execute("VACUUM")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=50_000, help="exports per run (default 50,000)")
@@ -516,9 +493,6 @@ def main() -> None:
     parser.add_argument("--profile-cpu", action="store_true",
                         help="after the table, run ours once more under cProfile (stderr)")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
-    parser.add_argument("--preview-outbox-migration", action="store_true",
-                        help="measure with the outbox rebuilt as a proposed migration would "
-                             "(rowid table, due index on (dataflow, next_attempt_at, seq))")
     parser.add_argument("--workdir", default=None, help="keep the files here instead of a temp dir")
     opts = parser.parse_args()
     n = 5_000 if opts.quick else opts.n
@@ -535,11 +509,9 @@ def main() -> None:
         template = work / "template.db"
         t = time.perf_counter()
         mean_body = fill_store(template, n)
-        if opts.preview_outbox_migration:
-            preview_outbox_migration(template)
         print(f"outbox: {n:,} exports of {mean_body:.0f} B, filled in "
               f"{time.perf_counter() - t:.1f} s ({template.stat().st_size / 2**20:.0f} MiB store"
-              f"{', PREVIEW of the proposed outbox migration' if opts.preview_outbox_migration else ''}"
+              f""
               f"); {c} in flight; {'uvloop' if use_uvloop else 'asyncio'} event loop in every "
               f"client and the endpoint; {os.cpu_count()} CPUs", flush=True)
         problems = check_due_partition(template, work, n)
