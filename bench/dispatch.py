@@ -510,9 +510,8 @@ def main() -> None:
         t = time.perf_counter()
         mean_body = fill_store(template, n)
         print(f"outbox: {n:,} exports of {mean_body:.0f} B, filled in "
-              f"{time.perf_counter() - t:.1f} s ({template.stat().st_size / 2**20:.0f} MiB store"
-              f""
-              f"); {c} in flight; {'uvloop' if use_uvloop else 'asyncio'} event loop in every "
+              f"{time.perf_counter() - t:.1f} s ({template.stat().st_size / 2**20:.0f} MiB store); "
+              f"{c} in flight; {'uvloop' if use_uvloop else 'asyncio'} event loop in every "
               f"client and the endpoint; {os.cpu_count()} CPUs", flush=True)
         problems = check_due_partition(template, work, n)
 
