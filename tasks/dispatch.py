@@ -14,8 +14,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sqlite_utils
 from prefect import task
@@ -51,7 +50,6 @@ class DispatchSummary:
     retried: int = 0
     failed: int = 0
     last_error: str | None = None
-    latencies_ms: list[int] = field(default_factory=list, repr=False)
 
     def add(self, other: DispatchSummary) -> None:
         self.sent += other.sent
@@ -59,7 +57,6 @@ class DispatchSummary:
         self.retried += other.retried
         self.failed += other.failed
         self.last_error = other.last_error or self.last_error
-        self.latencies_ms += other.latencies_ms
 
 
 def backoff_ms(dest: Destination, attempts: int, retry_after: float | None) -> int:
@@ -148,14 +145,12 @@ async def send_round(db: sqlite_utils.Database, flow_name: str, dest: Destinatio
     summary.delivered = len(results["delivered"])
     summary.retried = len(results["retrying"])
     summary.failed = len(results["failed"])
-    summary.latencies_ms = [a.at - a.item.change_at for a in results["delivered"]]
     return summary
 
 
 async def drain(db: sqlite_utils.Database, flow_name: str, dest: Destination,
                 sender: Sender, bucket: TokenBucket,
-                shards: tuple[int, int] | None = None,
-                on_round: Callable[[DispatchSummary], None] | None = None) -> DispatchSummary:
+                shards: tuple[int, int] | None = None) -> DispatchSummary:
     """Send everything due, round after round, each export at most once: a retry is the
     dispatch task's next run, never a loop in here."""
     total = DispatchSummary()
@@ -163,8 +158,6 @@ async def drain(db: sqlite_utils.Database, flow_name: str, dest: Destination,
     while items := outbox.due(db, flow_name, now_ms(), ROUND_SIZE, shards, tried_before=started):
         summary = await send_round(db, flow_name, dest, sender, bucket, items)
         total.add(summary)
-        if on_round:
-            on_round(summary)
     return total
 
 

@@ -36,21 +36,6 @@ class Fragment:
     paths: list[str] | None = None
 
 
-def parse_time(value: Any, where: str) -> datetime:
-    if not isinstance(value, str):
-        raise FragmentError(f"{where} must be an ISO 8601 string, got {type(value).__name__}")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise FragmentError(f"{where} is not an ISO 8601 time: {value[:40]!r}") from None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    try:
-        return parsed.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00 is before year 1 in UTC
-        raise FragmentError(f"{where} is out of range: {value[:40]!r}") from None
-
-
 def iso_utc(moment: datetime) -> str:
     # isoformat, not strftime: glibc's %Y does not zero-pad years before 1000
     return moment.astimezone(UTC).isoformat(timespec="seconds")[:-6] + "Z"
