@@ -212,3 +212,27 @@ async def test_no_secret_in_database_or_failed_store(tmp_path, endpoint, monkeyp
     for secret in (token, "c2lnbmluZy1zZWNyZXQtdmFsdWU="):
         assert secret.encode() not in raw
         assert secret not in caplog.text
+
+
+async def test_status_json_matches_the_store_after_a_known_run(tmp_path, endpoint):
+    """`profile-relay status --json` after 3 delivered, 1 failed and 1 waiting export."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    config, db = store(tmp_path, endpoint.url)
+    ingest(db, config, fragment("p-1"), fragment("p-2"), fragment("p-3"), fragment("p-4"))
+    decide(db, config)
+    endpoint.fail(1, 400)  # the first request sent is refused for good
+    await run_drain(config, db)
+    ingest(db, config, fragment("p-5"))
+    decide(db, config)  # queued, not sent
+    result = CliRunner().invoke(app, ["status", "-c", str(tmp_path / "config.yaml"), "--json"])
+    assert result.exit_code == 0, result.output
+    [stats] = orjson.loads(result.stdout)["dataflows"]
+    assert stats["dataflow"] == FLOW and stats["known"]
+    assert (stats["delivered"], stats["failed"], stats["pending"]) == (3, 1, 1)
+    assert stats["lag_changes"] == 0
+    latencies = [r[0] for r in db.execute("SELECT latency_ms FROM deliveries ORDER BY 1")]
+    assert stats["latency_p50_ms"] == latencies[1] and stats["latency_p95_ms"] == latencies[2]
+    assert stats["last_error"] == db.execute("SELECT last_error FROM failed_requests").fetchone()[0]
