@@ -184,7 +184,7 @@ class Phases:
     """CPU and wall time per step of export_batch / run_backfill, by wrapping the module
     functions they call (per call, not per row: the overhead is negligible)."""
 
-    STEPS = ((flows_state, ("read_changes", "memberships", "snapshots", "exported_seqs",
+    STEPS = ((flows_state, ("read_changes", "memberships", "snapshots",
                             "qualified_after", "payload_rows", "queue_exports")),
              (export_mod, ("candidates", "decide")))
 

@@ -126,21 +126,13 @@ def memberships(db: sqlite_utils.Database, profile_ids: Sequence[str],
 
 
 def snapshots(db: sqlite_utils.Database, dataflow: str,
-              profile_ids: Sequence[str]) -> dict[str, str]:
-    """What the dataflow last saw of each profile: its qualified mapped segments."""
-    return dict(db.conn.execute(
-        "SELECT profile_id, qualified FROM dataflow_profiles WHERE dataflow = ? "
+              profile_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """What the dataflow last saw of each profile, in one read: its qualified mapped
+    segments, and the newest change seq already queued for it (by streaming or a backfill)."""
+    return {pid: (qualified, exported) for pid, qualified, exported in db.conn.execute(
+        "SELECT profile_id, qualified, exported_seq FROM dataflow_profiles WHERE dataflow = ? "
         "AND profile_id IN (SELECT value FROM json_each(?))",
-        (dataflow, orjson.dumps(list(profile_ids)).decode())).fetchall())
-
-
-def exported_seqs(db: sqlite_utils.Database, dataflow: str,
-                  profile_ids: Sequence[str]) -> dict[str, int]:
-    """The newest change seq already queued for each profile (by streaming or a backfill)."""
-    return dict(db.conn.execute(
-        "SELECT profile_id, exported_seq FROM dataflow_profiles WHERE dataflow = ? "
-        "AND exported_seq > 0 AND profile_id IN (SELECT value FROM json_each(?))",
-        (dataflow, orjson.dumps(list(profile_ids)).decode())).fetchall())
+        (dataflow, orjson.dumps(list(profile_ids)).decode()))}
 
 
 def payload_rows(db: sqlite_utils.Database, profile_ids: Sequence[str], segment_tails: str,

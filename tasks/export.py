@@ -57,14 +57,14 @@ def export_batch(db: sqlite_utils.Database, flow: Dataflow, spec: PayloadSpec,
         return None
     cands = candidates(rows, flow.attributes, flow.segments)
     pids = cands.get_column("profile_id").to_list()
+    seen = flows_state.snapshots(db, flow.name, pids)
     decisions = decide(cands, flows_state.memberships(db, pids, flow.segments),
-                       flows_state.snapshots(db, flow.name, pids))
+                       {pid: qualified for pid, (qualified, _) in seen.items()})
     # A backfill may already have queued a state at or after this change (the cursor lags
     # behind a newly mapped segment's backfill): exporting again would repeat that state,
     # or label it with an older sequence after the newer one was sent.
-    done = flows_state.exported_seqs(db, flow.name, [d.profile_id for d in decisions if d.export])
     chosen = {d.profile_id: d for d in decisions
-              if d.export and d.seq > done.get(d.profile_id, 0)}
+              if d.export and d.seq > seen.get(d.profile_id, ("", 0))[1]}
     encoder = Encoder(spec)
     exports = []
     for pid, attrs, idmap, _, ups, _ in flows_state.payload_rows(
