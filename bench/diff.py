@@ -41,10 +41,11 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tasks.export as export_mod
-from destinations.config import parse_config
+from tasks.export import export_batch, payload_spec, run_backfill, sync_mapping
+
+from config import parse_config
 from state import dataflows as flows_state
 from state.db import now_ms, open_db, shard_of, write_txn
-from tasks.export import export_batch, payload_spec, run_backfill, sync_mapping
 from tasks.ingest import ingest_stream
 
 FLOW = "bench-flow"

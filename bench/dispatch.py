@@ -199,9 +199,10 @@ def profile_numbers(n: int) -> list[int]:
 
 def fill_store(path: Path, n: int) -> float:
     """A fresh store with n exports queued for FLOW; returns the mean body size."""
+    from tasks.payload import idempotency_key
+
     from state.dataflows import Export, queue_exports, sync_dataflow
     from state.db import now_ms, open_db
-    from tasks.payload import idempotency_key
 
     db = open_db(path)
     sync_dataflow(db, FLOW, DEST, ["seg-a"], "bench")
@@ -229,7 +230,7 @@ def copy_store(template: Path, dest: Path) -> None:
 
 
 def destination(url: str, concurrency: int) -> Any:
-    from destinations.config import Destination
+    from config import Destination
 
     return Destination(name=DEST, endpoint=url, max_in_flight=concurrency,
                        timeout_seconds=30, rate_limit=10_000)

@@ -147,7 +147,7 @@ def run_baseline(src: str, db_path: str, batch: int) -> dict:
     import orjson
 
     from state.db import now_ms, open_db, shard_of
-    from tasks.fragments import leaf_paths
+    from state.model import leaf_paths
 
     conn = open_db(db_path).conn  # the same schema and pragmas; a plain sqlite3.Connection
     insert_changes = (

@@ -19,14 +19,14 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from destinations.config import (
+from config import (
     BearerAuth,
     Destination,
     NoAuth,
     OAuth2ClientCredentialsAuth,
     OAuth2PasswordAuth,
 )
-from destinations.outcome import classify_exception, describe_exception, redact
+from destinations.outcome import classify_exception, classify_status, describe_exception, redact
 
 _OAUTH_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_MARGIN_SECONDS = 30.0
@@ -214,7 +214,7 @@ class OAuth2Provider(TokenProvider):
         if not 200 <= status < 300:
             code = _oauth_error_code(body)
             detail = f" ({code})" if code else ""
-            retryable = status >= 500 or status in (408, 429)
+            retryable = classify_status(status) == "retryable"
             raise self._error(
                 f"token endpoint {self._where} answered {status}{detail} to the {grant} grant",
                 retryable=retryable,

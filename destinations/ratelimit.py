@@ -1,6 +1,6 @@
 """In-process request rate limiting per dataflow.
 
-Prefect's global rate limits cost 10 to 150 ms a call through its server (DESIGN.md), far
+Prefect's global rate limits cost 10 to 150 ms a call through its server, far
 too slow at 10,000 requests/s, so each dataflow's sender pulls from a token bucket here.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from destinations.config import MAX_RATE_LIMIT, Destination
+from config import MAX_RATE_LIMIT, Destination
 
 
 class TokenBucket:

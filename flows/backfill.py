@@ -1,5 +1,6 @@
-"""The backfill flow: export every profile already qualified for a dataflow's segments (or
-one of them), in chunks, with a progress artifact; an interrupted run resumes."""
+"""The backfill flow: queue every profile already qualified for a dataflow's segments (or
+one of them), in chunks, with a progress artifact; an interrupted run resumes. Then the
+dispatch task delivers what it queued."""
 
 from __future__ import annotations
 
@@ -11,30 +12,31 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from rich.progress import Progress
 
-from flows.common import open_config
-from flows.stream import dispatch_pending
-from state import dataflows as flows_state
-from tasks.export import payload_spec, run_backfill, sync_mapping
+from config import load_config
+from state import open_store
+from tasks import pipeline
+from tasks.flow_tasks import backfill_task, dispatch
+from tasks.pipeline import PassResult
 
 
 @flow(name="profile-relay-backfill")
 async def backfill_flow(config_path: str, dataflow: str, segment: str | None = None,
                         deliver: bool = True) -> dict[str, Any]:
     """Backfill ``dataflow`` (all its mapped segments, or ``segment``), then deliver."""
-    config, db = open_config(config_path)
+    config = load_config(config_path)
+    store = open_store(config.state_path)
     flow_ = config.dataflow(dataflow)
     if segment is not None and segment not in flow_.segments:
         raise ValueError(f"segment {segment!r} is not mapped to dataflow {dataflow!r}; "
                          f"mapped: {flow_.segments}")
     logger = get_run_logger()
-    sync_mapping(db, config, flow_)
-    jobs = flows_state.open_backfills(db, dataflow)
+    pipeline.sync(store, config, flow_, logger)
+    jobs = store.open_backfills(dataflow)
     if not any(j.segment_id == segment or j.segment_id is None for j in jobs):
-        flows_state.start_backfill(db, dataflow, segment, "by hand")
-        jobs = flows_state.open_backfills(db, dataflow)
+        store.start_backfill(dataflow, segment, "by hand")
+        jobs = store.open_backfills(dataflow)
     else:
         logger.info("%s: resuming an interrupted backfill", dataflow)
-    spec = payload_spec(db, config, flow_)
     artifact = await acreate_progress_artifact(progress=0.0,
                                                description=f"backfill of {dataflow}")
     loop = asyncio.get_running_loop()
@@ -50,11 +52,9 @@ async def backfill_flow(config_path: str, dataflow: str, segment: str | None = N
                     aupdate_progress_artifact(artifact, progress=100.0 * done / max(total, 1)),
                     loop)
 
-            # in a thread, so the loop keeps publishing progress while chunks are written
-            exported += await asyncio.to_thread(run_backfill, db, flow_, spec, job,
-                                                on_progress=progress)
+            exported += await backfill_task(store, flow_, job, on_progress=progress)
             logger.info("%s: backfill of %s queued %d export(s)", dataflow, what, exported)
     await aupdate_progress_artifact(artifact, progress=100.0)
     if deliver:
-        await dispatch_pending(db, config, flow_, until_empty=True)
+        await dispatch(store, config, flow_, PassResult(), settle=True)
     return {"dataflow": dataflow, "exported": exported}

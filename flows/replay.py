@@ -1,4 +1,5 @@
-"""The replay flow: the failed-request store back through the outbox, then delivered."""
+"""The replay flow: the failed-request store back through the outbox, then delivered with
+each profile's state at send time."""
 
 from __future__ import annotations
 
@@ -7,29 +8,28 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 
-from flows.common import open_config
-from flows.report import artifact_key
-from flows.stream import dispatch_pending
-from tasks.export import payload_spec
-from tasks.replay import requeue_failures
+from config import load_config
+from state import open_store
+from tasks.flow_tasks import dispatch, requeue_task
+from tasks.pipeline import PassResult
+from tasks.report import artifact_key
 
 
 @flow(name="profile-relay-replay")
 async def replay_flow(config_path: str, dataflow: str) -> dict[str, Any]:
-    """Re-send each failed export with the profile's current state, unless superseded."""
-    config, db = open_config(config_path)
+    """Re-send each failed profile with its current state, unless superseded."""
+    config = load_config(config_path)
+    store = open_store(config.state_path)
     flow_ = config.dataflow(dataflow)
-    plan = requeue_failures(db, dataflow, payload_spec(db, config, flow_))
+    plan = requeue_task(store, flow_)
     get_run_logger().info("%s: replaying %d, superseded %d", dataflow, len(plan.resent),
                           len(plan.superseded))
-    await dispatch_pending(db, config, flow_, until_empty=True)
-    rows = ([{"profile": e.profile_id, "action": "re-sent", "idempotency key": e.idempotency_key,
-              "previous status": e.last_status, "previous error": e.last_error or ""}
-             for e in plan.resent]
-            + [{"profile": e.profile_id, "action": "superseded", "idempotency key": e.idempotency_key,
-                "previous status": e.last_status, "previous error": e.last_error or ""}
-               for e in plan.superseded])
+    await dispatch(store, config, flow_, PassResult(), settle=True)
+    rows = [{"profile": e.profile_id, "action": action, "previous status": e.last_status,
+             "previous error": e.last_error or ""}
+            for action, entries in (("re-sent", plan.resent), ("superseded", plan.superseded))
+            for e in entries]
     await acreate_table_artifact(key=artifact_key("replay", dataflow), table=rows[:1000],
-                          description=f"replay of {dataflow}: {len(plan.resent)} re-sent, "
-                                      f"{len(plan.superseded)} superseded")
+                                 description=f"replay of {dataflow}: {len(plan.resent)} re-sent, "
+                                             f"{len(plan.superseded)} superseded")
     return {"resent": len(plan.resent), "superseded": len(plan.superseded)}

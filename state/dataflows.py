@@ -4,50 +4,14 @@ and the one transaction that queues exports into the outbox."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import orjson
 import sqlite_utils
 
 from state.db import now_ms, shard_of, write_txn
+from state.model import Backfill, CursorMoved, Export, SyncResult
 
 QUALIFIED_SQL = "('realized', 'existing')"
-
-
-@dataclass(frozen=True, slots=True)
-class Export:
-    """One decided export: what is queued for a profile, and what the dataflow now knows."""
-
-    profile_id: str
-    seq: int
-    reason: str
-    change_at: int
-    idempotency_key: str
-    body: bytes
-    qualified: str  # newline-joined mapped segments qualified at this state
-
-
-@dataclass(frozen=True, slots=True)
-class Backfill:
-    id: int
-    dataflow: str
-    segment_id: str | None
-    reason: str
-    total: int | None
-    done: int
-    after_profile: str
-
-
-@dataclass(frozen=True, slots=True)
-class SyncResult:
-    created: bool
-    new_segments: tuple[str, ...]
-    removed_segments: tuple[str, ...]
-
-
-class CursorMoved(RuntimeError):
-    """Another process advanced this dataflow's cursor first; this batch is dropped and
-    re-read, so nothing is queued twice."""
 
 
 def max_seq(db: sqlite_utils.Database) -> int:
@@ -135,34 +99,22 @@ def snapshots(db: sqlite_utils.Database, dataflow: str,
         (dataflow, orjson.dumps(list(profile_ids)).decode()))}
 
 
-def payload_rows(db: sqlite_utils.Database, profile_ids: Sequence[str], segment_tails: str,
-                 mapped_segments: Sequence[str]
-                 ) -> list[tuple[str, bytes, bytes, int, str, str | None]]:
-    """What export bodies are built from, for the stored profiles among ``profile_ids``, in
-    profile order: (profile, attributes and identity map as stored JSON, last change seq,
-    ``segmentMembership.ups`` as JSON text, the mapped segments it is qualified for,
-    newline separated). ``segment_tails``: JSON {segment: text closing its entry}, e.g.
-    ``,"name":"x"}`` (a plain ``}`` for segments left out). The entries are assembled here,
-    in SQLite, rather than row by row in Python: a backfill does this for every profile."""
+def backfill_rows(db: sqlite_utils.Database, profile_ids: Sequence[str],
+                  mapped_segments: Sequence[str]) -> list[tuple[str, int, str]]:
+    """For the stored profiles among ``profile_ids``, in profile order: (profile, last
+    change seq, the mapped segments it is qualified for, sorted and newline separated)."""
     if not profile_ids:
         return []
     ids = orjson.dumps(list(profile_ids)).decode()
-    segments = {pid: (ups, qualified) for pid, ups, qualified in db.conn.execute(
-        "WITH tails(segment_id, tail) AS MATERIALIZED (SELECT key, value FROM json_each(?2)) "
-        "SELECT ps.profile_id, '{' || group_concat(json_quote(ps.segment_id) || ':{' || "
-        "CASE WHEN ps.last_qualification_time IS NULL THEN '' ELSE "
-        "'\"lastQualificationTime\":' || json_quote(ps.last_qualification_time) || ',' END || "
-        "'\"status\":' || json_quote(ps.status) || coalesce(t.tail, '}'), ',') || '}', "
-        f"group_concat(CASE WHEN ps.status IN {QUALIFIED_SQL} AND ps.segment_id IN "
-        "(SELECT value FROM json_each(?3)) THEN ps.segment_id END, char(10)) "
-        "FROM profile_segments ps LEFT JOIN tails t ON t.segment_id = ps.segment_id "
-        "WHERE ps.profile_id IN (SELECT value FROM json_each(?1)) GROUP BY ps.profile_id",
-        (ids, segment_tails, orjson.dumps(list(mapped_segments)).decode()))}
-    none = ("{}", None)
-    return [(pid, attrs, idmap, last_seq, *segments.get(pid, none))
-            for pid, attrs, idmap, last_seq in db.conn.execute(
-                "SELECT profile_id, attributes, identity_map, last_seq FROM profiles "
-                "WHERE profile_id IN (SELECT value FROM json_each(?)) ORDER BY profile_id", (ids,))]
+    qualified = dict(db.conn.execute(
+        f"SELECT profile_id, group_concat(segment_id, char(10)) FROM (SELECT profile_id, "
+        f"segment_id FROM profile_segments WHERE status IN {QUALIFIED_SQL} "
+        "AND profile_id IN (SELECT value FROM json_each(?1)) "
+        "AND segment_id IN (SELECT value FROM json_each(?2)) ORDER BY profile_id, segment_id) "
+        "GROUP BY profile_id", (ids, orjson.dumps(list(mapped_segments)).decode())).fetchall())
+    return [(pid, last_seq, qualified.get(pid) or "") for pid, last_seq in db.conn.execute(
+        "SELECT profile_id, last_seq FROM profiles "
+        "WHERE profile_id IN (SELECT value FROM json_each(?)) ORDER BY profile_id", (ids,))]
 
 
 def queue_exports(db: sqlite_utils.Database, dataflow: str, exports: Sequence[Export],
@@ -179,16 +131,15 @@ def queue_exports(db: sqlite_utils.Database, dataflow: str, exports: Sequence[Ex
             if moved != 1:
                 raise CursorMoved(dataflow)
         conn.executemany(
-            "INSERT INTO outbox (dataflow, profile_id, shard, seq, idempotency_key, body, reason, "
-            "change_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "INSERT INTO outbox (dataflow, profile_id, shard, seq, reason, change_at, enqueued_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (dataflow, profile_id) DO UPDATE SET seq = excluded.seq, "
-            "idempotency_key = excluded.idempotency_key, body = excluded.body, "
             "reason = excluded.reason, change_at = excluded.change_at, "
             "enqueued_at = excluded.enqueued_at, attempts = 0, next_attempt_at = 0, "
             "first_attempt_at = NULL, last_attempt_at = NULL, last_status = NULL, last_error = NULL "
             "WHERE excluded.seq >= outbox.seq",
-            [(dataflow, e.profile_id, shard_of(e.profile_id), e.seq, e.idempotency_key, e.body,
-              e.reason, e.change_at, now) for e in exports])
+            [(dataflow, e.profile_id, shard_of(e.profile_id), e.seq, e.reason, e.change_at, now)
+             for e in exports])
         rows = [(dataflow, e.profile_id, e.qualified, e.seq) for e in exports]
         rows += [(dataflow, pid, q, 0) for pid, q in snapshot_updates]
         conn.executemany(

@@ -5,48 +5,13 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
 from operator import itemgetter
 
 import orjson
 import sqlite_utils
 
 from state.db import now_ms, shard_of, write_txn
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    profile_id: str
-    seq: int
-    idempotency_key: str
-    body: bytes
-    reason: str
-    change_at: int
-    attempts: int
-    first_attempt_at: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """The outcome of sending one pending export once."""
-
-    item: Pending
-    status: int | None
-    error: str | None
-    at: int
-    next_attempt_at: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class FailedEntry:
-    id: int
-    profile_id: str
-    seq: int
-    idempotency_key: str
-    reason: str
-    attempts: int
-    last_status: int | None
-    last_error: str | None
+from state.model import Attempt, FailedEntry, Pending
 
 
 def due(db: sqlite_utils.Database, dataflow: str, now: int, limit: int,
@@ -69,8 +34,8 @@ def due(db: sqlite_utils.Database, dataflow: str, now: int, limit: int,
     if shards is not None:
         where += " AND shard % ? = ?"
         extra += [shards[1], shards[0]]
-    columns = ("SELECT profile_id, seq, idempotency_key, body, reason, change_at, attempts, "
-               "first_attempt_at FROM outbox WHERE dataflow = ? ")
+    columns = ("SELECT profile_id, seq, reason, change_at, attempts, first_attempt_at "
+               "FROM outbox WHERE dataflow = ? ")
     conn = db.conn
     fresh = conn.execute(f"{columns}AND next_attempt_at = 0{where} ORDER BY seq LIMIT ?",
                          [dataflow, *extra, limit]).fetchall()
@@ -102,13 +67,13 @@ def record(db: sqlite_utils.Database, dataflow: str, delivered: Sequence[Attempt
         conn.executemany(
             "INSERT INTO deliveries (dataflow, profile_id, seq, idempotency_key, status, attempts, "
             "latency_ms, delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(dataflow, a.item.profile_id, a.item.seq, a.item.idempotency_key, a.status,
-              a.item.attempts + 1, max(0, a.at - a.item.change_at), a.at) for a in delivered])
+            [(dataflow, a.item.profile_id, a.sent_seq, a.key, a.status, a.item.attempts + 1,
+              max(0, a.at - a.item.change_at), a.at) for a in delivered])
         conn.executemany(
             "INSERT INTO dataflow_profiles (dataflow, profile_id, qualified, delivered_seq) "
             "VALUES (?, ?, '', ?) ON CONFLICT (dataflow, profile_id) DO UPDATE SET "
             "delivered_seq = max(delivered_seq, excluded.delivered_seq)",
-            [(dataflow, a.item.profile_id, a.item.seq) for a in delivered])
+            [(dataflow, a.item.profile_id, a.sent_seq) for a in delivered])
         conn.executemany(
             "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, "
             "last_error = ?, first_attempt_at = coalesce(first_attempt_at, ?), last_attempt_at = ? "
@@ -119,8 +84,8 @@ def record(db: sqlite_utils.Database, dataflow: str, delivered: Sequence[Attempt
             "INSERT INTO failed_requests (dataflow, profile_id, shard, seq, idempotency_key, reason, "
             "attempts, last_status, last_error, first_attempt_at, last_attempt_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(dataflow, a.item.profile_id, shard_of(a.item.profile_id), a.item.seq,
-              a.item.idempotency_key, a.item.reason, a.item.attempts + 1, a.status, a.error,
+            [(dataflow, a.item.profile_id, shard_of(a.item.profile_id), a.sent_seq, a.key,
+              a.item.reason, a.item.attempts + 1, a.status, a.error,
               a.item.first_attempt_at or a.at, a.at) for a in failed])
 
 
@@ -139,38 +104,44 @@ def prune_deliveries(db: sqlite_utils.Database, older_than_ms: int) -> int:
 
 
 def requeue(db: sqlite_utils.Database, dataflow: str,
-            resend: Sequence[tuple[FailedEntry, bytes]],
-            superseded: Sequence[FailedEntry]) -> list[FailedEntry]:
-    """Replay bookkeeping in one transaction: re-sent entries go back to the outbox with the
-    profile's current state under their original idempotency key; superseded ones close.
-
-    Whether a newer state was delivered or queued is asked again inside the transaction:
-    a concurrent stream run may have delivered one since the replay made its plan, and
-    re-sending the older export after it would break the order per profile. Such entries
-    close as superseded too. Returns the entries actually put back in the outbox."""
+            entries: Sequence[FailedEntry]) -> tuple[list[FailedEntry], list[FailedEntry]]:
+    """Replay bookkeeping in one transaction: each profile's newest failed entry goes back
+    to the outbox as a reference (sent with the profile's state at send time), and every
+    other entry closes as superseded. An entry is superseded too when its profile is gone,
+    when an export of it already waits in the outbox (that one sends the current state), or
+    when the state the profile is in now was delivered already. All of this is read inside
+    the transaction, so a stream run that delivered meanwhile is seen. Returns (re-queued,
+    superseded)."""
     now = now_ms()
+    newest: dict[str, FailedEntry] = {}
+    for entry in entries:
+        held = newest.get(entry.profile_id)
+        if held is None or (entry.seq, entry.id) > (held.seq, held.id):
+            newest[entry.profile_id] = entry
     with write_txn(db) as conn:
-        pids = orjson.dumps([e.profile_id for e, _ in resend]).decode()
+        pids = orjson.dumps(list(newest)).decode()
+        state = dict(conn.execute(
+            "SELECT profile_id, last_seq FROM profiles "
+            "WHERE profile_id IN (SELECT value FROM json_each(?))", (pids,)).fetchall())
         delivered = dict(conn.execute(
             "SELECT profile_id, delivered_seq FROM dataflow_profiles WHERE dataflow = ? "
             "AND profile_id IN (SELECT value FROM json_each(?))", (dataflow, pids)).fetchall())
         queued = {pid for (pid,) in conn.execute(
             "SELECT profile_id FROM outbox WHERE dataflow = ? "
             "AND profile_id IN (SELECT value FROM json_each(?))", (dataflow, pids))}
-        keep = [(e, body) for e, body in resend
-                if e.profile_id not in queued and delivered.get(e.profile_id, 0) <= e.seq]
-        kept = {e.id for e, _ in keep}
-        late = [e for e, _ in resend if e.id not in kept]
+        keep = [e for pid, e in newest.items() if pid in state and pid not in queued
+                and delivered.get(pid, 0) < state[pid]]
+        kept = {e.id for e in keep}
+        superseded = [e for e in entries if e.id not in kept]
         conn.executemany(
-            "INSERT INTO outbox (dataflow, profile_id, shard, seq, idempotency_key, body, reason, "
-            "change_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, 'replay', ?, ?) "
-            "ON CONFLICT (dataflow, profile_id) DO NOTHING",
-            [(dataflow, e.profile_id, shard_of(e.profile_id), e.seq, e.idempotency_key, body,
-              now, now) for e, body in keep])
+            "INSERT INTO outbox (dataflow, profile_id, shard, seq, reason, change_at, enqueued_at) "
+            "VALUES (?, ?, ?, ?, 'replay', ?, ?) ON CONFLICT (dataflow, profile_id) DO NOTHING",
+            [(dataflow, e.profile_id, shard_of(e.profile_id), state[e.profile_id], now, now)
+             for e in keep])
         conn.executemany("UPDATE failed_requests SET state = ?, resolved_at = ? WHERE id = ?",
-                         [("requeued", now, e.id) for e, _ in keep]
-                         + [("superseded", now, e.id) for e in (*superseded, *late)])
-    return [e for e, _ in keep]
+                         [("requeued", now, e.id) for e in keep]
+                         + [("superseded", now, e.id) for e in superseded])
+    return keep, superseded
 
 
 class SendLock:
@@ -187,12 +158,11 @@ class SendLock:
             self._fd = None
 
 
-def try_lock_sending(db: sqlite_utils.Database, dataflow: str,
-                     shards: tuple[int, int] | None = None) -> SendLock | None:
-    """Take the right to send ``dataflow``'s outbox (or one shard set of it), or None when
+def try_lock_sending(db: sqlite_utils.Database, dataflow: str) -> SendLock | None:
+    """Take the right to send ``dataflow``'s outbox, or None when
     another process has it. A sender works from a round of exports read up front, so a
     second sender could deliver a profile's newer state and then see the first deliver the
-    older one (SPEC "Delivery": in order per profile). An flock on a file beside the store
+    older one (deliveries are in order per profile). An flock on a file beside the store
     keeps one sender at a time, e.g. a stream run and a replay; the kernel drops it when
     the holder dies, so a killed process never leaves it held."""
     try:
@@ -205,7 +175,7 @@ def try_lock_sending(db: sqlite_utils.Database, dataflow: str,
     path = db.conn.execute("PRAGMA database_list").fetchone()[2]
     if not path:  # an in-memory store has one process by construction
         return SendLock(None)
-    name = hashlib.sha256(f"{dataflow}\0{shards}".encode()).hexdigest()[:16]
+    name = hashlib.sha256(f"{dataflow}\0None".encode()).hexdigest()[:16]
     fd = os.open(f"{path}-send-{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import orjson
 import sqlite_utils
 
 from state.db import now_ms, shard_of, write_txn
-from tasks.fragments import Fragment, deep_merge, leaf_paths
-
-
-@dataclass(slots=True)
-class StoredProfile:
-    profile_id: str
-    attributes: dict[str, Any]
-    identity_map: dict[str, list[dict[str, Any]]]
-    segments: dict[str, tuple[str, str | None]]  # seg -> (status, lastQualificationTime)
-    last_seq: int = 0
+from state.model import Fragment, StoredProfile, deep_merge, leaf_paths
 
 
 def _json_list(values: Iterable[str]) -> str:

@@ -160,4 +160,42 @@ MIGRATIONS: list[str] = [
     ALTER TABLE outbox_v3 RENAME TO outbox;
     CREATE INDEX outbox_due ON outbox (dataflow, next_attempt_at, seq)
     """,
+    # 4: the outbox holds references, never wire format: a body is rendered from the
+    # profile's state when it is sent, and its idempotency key identifies that state.
+    # Leases (one owner per dataflow and shard group, with an epoch) for the senders.
+    """
+    CREATE TABLE outbox_v4 (
+        id INTEGER PRIMARY KEY,
+        dataflow TEXT NOT NULL,
+        profile_id TEXT NOT NULL,
+        shard INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        change_at INTEGER NOT NULL,
+        enqueued_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL DEFAULT 0,
+        first_attempt_at INTEGER,
+        last_attempt_at INTEGER,
+        last_status INTEGER,
+        last_error TEXT,
+        UNIQUE (dataflow, profile_id)
+    );
+    INSERT INTO outbox_v4 (dataflow, profile_id, shard, seq, reason, change_at, enqueued_at,
+        attempts, next_attempt_at, first_attempt_at, last_attempt_at, last_status, last_error)
+    SELECT dataflow, profile_id, shard, seq, reason, change_at, enqueued_at, attempts,
+        next_attempt_at, first_attempt_at, last_attempt_at, last_status, last_error
+    FROM outbox ORDER BY seq;
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v4 RENAME TO outbox;
+    CREATE INDEX outbox_due ON outbox (dataflow, next_attempt_at, seq);
+    CREATE TABLE leases (
+        dataflow TEXT NOT NULL,
+        grp INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (dataflow, grp)
+    ) WITHOUT ROWID
+    """,
 ]

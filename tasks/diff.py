@@ -1,6 +1,6 @@
 """Change detection: which profiles of one micro-batch a dataflow must export, and why.
 
-SPEC "When a profile is exported": a mapped attribute path written (even with the same
+The README's "When a profile is exported": a mapped attribute path written (even with the same
 value), an identity added, or a mapped segment's membership flipped against what this
 dataflow last saw; and only for profiles that are members of a mapped segment or have
 just exited one. Several changes of a profile in a batch give one export.

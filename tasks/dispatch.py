@@ -1,113 +1,91 @@
-"""Dispatch: drain a dataflow's outbox over HTTP.
+"""Sending a round of exports: each due export once, bodies rendered at send time.
 
-One classification (``destinations.outcome``) drives everything: delivered exports go to
-the delivery log, retryable ones stay in the outbox with their attempt count and the time
-of their next attempt, and final ones (a non-retryable 4xx, or the third failed attempt)
-move to the failed-request store. The Prefect task's own ``retries=2`` is the only retry
-layer: a task run sends each due export once and raises ``RetryableDelivery`` when some
-are left to retry, so the retry re-sends only what is still pending.
+A fixed pool of sender coroutines pulls exports from a queue while a committer records the
+outcomes in groups. A semaphore of ``max_in_flight`` slots is taken before a request is
+sent and given back only once its outcome is committed, so sent-but-unrecorded exports
+never exceed ``max_in_flight``: a crash re-sends (under the same Idempotency-Key) at most
+that many. Whether an outcome is retried, and when, is the retry policy's call
+(``destinations.retry``); this module only carries it out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-import sqlite_utils
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.context import TaskRunContext
-
-from destinations.config import Destination
 from destinations.outcome import Outcome
-from destinations.ratelimit import TokenBucket, rate_limit_for
+from destinations.ratelimit import TokenBucket
+from destinations.retry import RetryPolicy
 from destinations.sender import Sender
-from state import outbox
+from state import Store
 from state.db import now_ms
+from state.model import Attempt, Pending, StoredProfile
+from tasks.body import BodySpec, idempotency_key, render
 
-MAX_ATTEMPTS = 3
 ROUND_SIZE = 5_000
 COMMIT_GROUP = 0.5  # share of max_in_flight whose outcomes are committed together
 SEQUENCE_HEADER = "X-Relay-Sequence"
-LOCK_POLL_SECONDS = 0.05  # how often a waiting dispatcher asks for the send lock again
-
-
-class RetryableDelivery(Exception):
-    """Some exports failed in a retryable way; the dispatch task's retry will re-send them."""
-
-    def __init__(self, pending: int, last_error: str | None) -> None:
-        self.pending = pending
-        super().__init__(f"{pending} export(s) to retry; last error: {last_error}")
+MISSING_PROFILE = "the profile is no longer in the store"
 
 
 @dataclass
-class DispatchSummary:
+class DeliverySummary:
     sent: int = 0
     delivered: int = 0
-    retried: int = 0
+    retrying: int = 0
     failed: int = 0
     last_error: str | None = None
+    busy: bool = False  # another process was sending this dataflow
 
-    def add(self, other: DispatchSummary) -> None:
+    def add(self, other: DeliverySummary) -> None:
         self.sent += other.sent
         self.delivered += other.delivered
-        self.retried += other.retried
+        self.retrying += other.retrying
         self.failed += other.failed
         self.last_error = other.last_error or self.last_error
+        self.busy = self.busy or other.busy
+
+    def as_dict(self) -> dict[str, int | str | bool | None]:
+        return asdict(self)
 
 
-def backoff_ms(dest: Destination, attempts: int, retry_after: float | None) -> int:
-    """Exponential backoff with full jitter, never shorter than Retry-After (capped)."""
-    base = dest.retry_backoff_seconds * (2 ** max(0, attempts - 1))
-    wait = base * (0.5 + random.random() / 2)
-    if retry_after is not None:
-        wait = max(wait, min(retry_after, dest.max_retry_after_seconds))
-    return int(wait * 1000)
-
-
-def _judge(item: outbox.Pending, outcome: Outcome, dest: Destination,
-           at: int) -> tuple[str, outbox.Attempt]:
-    if outcome.kind == "delivered":
-        return "delivered", outbox.Attempt(item, outcome.status, None, at)
-    if outcome.kind == "retryable" and item.attempts + 1 < MAX_ATTEMPTS:
-        wait = backoff_ms(dest, item.attempts + 1, outcome.retry_after)
-        return "retrying", outbox.Attempt(item, outcome.status, outcome.error, at, at + wait)
-    return "failed", outbox.Attempt(item, outcome.status, outcome.error, at)
-
-
-async def send_round(db: sqlite_utils.Database, flow_name: str, dest: Destination,
-                     sender: Sender, bucket: TokenBucket,
-                     items: list[outbox.Pending]) -> DispatchSummary:
-    """Send each item once through a fixed pool of workers while a committer records the
-    outcomes in groups as they come in.
-
-    A semaphore of ``max_in_flight`` slots is taken before a request is sent and given
-    back only once its outcome is committed: sent-but-unrecorded exports never exceed
-    ``max_in_flight``, so a crash re-sends (as duplicates under the same Idempotency-Key)
-    at most that many. A group is committed when it reaches ``COMMIT_GROUP`` of the slots,
-    or when every slot waits for a commit."""
-    results: dict[str, list[outbox.Attempt]] = {"delivered": [], "retrying": [], "failed": []}
-    summary = DispatchSummary()
+async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy,
+                     sender: Sender, bucket: TokenBucket, max_in_flight: int,
+                     items: list[Pending]) -> DeliverySummary:
+    """Send each item once; outcomes are committed in groups as they come in (a group is
+    committed at ``COMMIT_GROUP`` of the slots, or when every slot waits for a commit)."""
+    summary = DeliverySummary(sent=len(items))
+    profiles = store.load_profiles([i.profile_id for i in items])
     queue = deque(items)
-    slots = asyncio.Semaphore(dest.max_in_flight)
-    pending: list[tuple[str, outbox.Attempt]] = []
+    slots = asyncio.Semaphore(max_in_flight)
+    pending: list[tuple[str, Attempt]] = []
     wake = asyncio.Event()
     finished = False
-    group = max(1, int(dest.max_in_flight * COMMIT_GROUP))
+    group = max(1, int(max_in_flight * COMMIT_GROUP))
+
+    def judged(item: Pending, profile: StoredProfile | None, outcome: Outcome | None,
+               key: str) -> tuple[str, Attempt]:
+        at = now_ms()
+        sent_seq = profile.last_seq if profile is not None else item.seq
+        if outcome is None:
+            return "failed", Attempt(item, sent_seq, key, None, MISSING_PROFILE, at)
+        verdict, next_at = policy.judge(outcome, item.attempts, at)
+        return verdict, Attempt(item, sent_seq, key, outcome.status, outcome.error, at, next_at)
 
     async def worker() -> None:
         while queue:
             item = queue.popleft()
             await slots.acquire()
-            await bucket.acquire()
-            outcome = await sender.send(item.body, item.idempotency_key,
-                                        {SEQUENCE_HEADER: str(item.seq)})
-            pending.append(_judge(item, outcome, dest, now_ms()))
-            if outcome.error:
-                summary.last_error = outcome.error
+            profile = profiles.get(item.profile_id)
+            if profile is None:
+                pending.append(judged(item, None, None, ""))
+            else:
+                await bucket.acquire()
+                key = idempotency_key(spec, item.profile_id, profile.last_seq)
+                outcome = await sender.send(render(profile, spec), key,
+                                            {SEQUENCE_HEADER: str(profile.last_seq)})
+                pending.append(judged(item, profile, outcome, key))
             if len(pending) >= group or slots.locked():
                 wake.set()
 
@@ -116,13 +94,17 @@ async def send_round(db: sqlite_utils.Database, flow_name: str, dest: Destinatio
             if pending and (finished or len(pending) >= group or slots.locked()):
                 batch = pending[:]
                 pending.clear()
-                by_kind: dict[str, list[outbox.Attempt]] = {k: [] for k in results}
-                for kind, attempt in batch:
-                    by_kind[kind].append(attempt)
-                outbox.record(db, flow_name, by_kind["delivered"], by_kind["retrying"],
-                              by_kind["failed"])
-                for kind, attempts in by_kind.items():
-                    results[kind] += attempts
+                by_verdict: dict[str, list[Attempt]] = {"delivered": [], "retrying": [],
+                                                        "failed": []}
+                for verdict, attempt in batch:
+                    by_verdict[verdict].append(attempt)
+                    if attempt.error:
+                        summary.last_error = attempt.error
+                store.record_outcomes(dataflow, by_verdict["delivered"], by_verdict["retrying"],
+                                      by_verdict["failed"])
+                summary.delivered += len(by_verdict["delivered"])
+                summary.retrying += len(by_verdict["retrying"])
+                summary.failed += len(by_verdict["failed"])
                 for _ in batch:
                     slots.release()
                 await asyncio.sleep(0)  # let the senders run between commits
@@ -134,77 +116,22 @@ async def send_round(db: sqlite_utils.Database, flow_name: str, dest: Destinatio
 
     async def send_all() -> None:
         nonlocal finished
-        await asyncio.gather(*(worker() for _ in range(min(dest.max_in_flight, len(items)))))
+        await asyncio.gather(*(worker() for _ in range(min(max_in_flight, len(items)))))
         finished = True
         wake.set()
 
     async with asyncio.TaskGroup() as tasks:  # a failing commit cancels the senders
         tasks.create_task(committer())
         tasks.create_task(send_all())
-    summary.sent = len(items)
-    summary.delivered = len(results["delivered"])
-    summary.retried = len(results["retrying"])
-    summary.failed = len(results["failed"])
     return summary
 
 
-async def drain(db: sqlite_utils.Database, flow_name: str, dest: Destination,
-                sender: Sender, bucket: TokenBucket,
-                shards: tuple[int, int] | None = None) -> DispatchSummary:
-    """Send everything due, round after round, each export at most once: a retry is the
-    dispatch task's next run, never a loop in here."""
-    total = DispatchSummary()
+async def drain(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy,
+                sender: Sender, bucket: TokenBucket, max_in_flight: int) -> DeliverySummary:
+    """Send everything due, round after round, each export at most once per drain."""
+    total = DeliverySummary()
     started = now_ms()
-    while items := outbox.due(db, flow_name, now_ms(), ROUND_SIZE, shards, tried_before=started):
-        summary = await send_round(db, flow_name, dest, sender, bucket, items)
-        total.add(summary)
+    while items := store.claim_due(dataflow, now_ms(), ROUND_SIZE, tried_before=started):
+        total.add(await send_round(store, dataflow, spec, policy, sender, bucket,
+                                   max_in_flight, items))
     return total
-
-
-async def wait_until_due(db: sqlite_utils.Database, flow_name: str, dest: Destination) -> None:
-    """Honour Retry-After and backoff recorded on pending exports (capped)."""
-    first = outbox.next_due(db, flow_name)
-    if first is not None:
-        delay = min((first - now_ms()) / 1000, dest.max_retry_after_seconds)
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
-def _is_retryable(task_obj: object, task_run: object, state: object) -> bool:
-    return isinstance(getattr(state, "data", None), RetryableDelivery)
-
-
-@task(name="dispatch", retries=2, retry_delay_seconds=0, retry_jitter_factor=None,
-      retry_condition_fn=_is_retryable, cache_policy=NO_CACHE)
-async def dispatch_task(db: sqlite_utils.Database, flow_name: str, dest: Destination,
-                        shards: tuple[int, int] | None = None,
-                        wait_seconds: float = 0.0) -> dict[str, int | str | None]:
-    """Drain the outbox once; raise RetryableDelivery so Prefect retries what is left.
-
-    The wait between task retries is each export's own backoff (with Retry-After), taken
-    at the start of the retry, so the delay is per export rather than fixed on the task.
-    Only one process sends a dataflow at a time: when another one is sending (a stream
-    run and a replay, say), this waits up to ``wait_seconds`` for it and otherwise
-    returns with ``busy`` set, leaving the outbox to that sender."""
-    ctx = TaskRunContext.get()
-    run_count = ctx.task_run.run_count if ctx else 1
-    if run_count > 1:
-        await wait_until_due(db, flow_name, dest)
-    lock = outbox.try_lock_sending(db, flow_name, shards)
-    deadline = time.monotonic() + wait_seconds
-    while lock is None and time.monotonic() < deadline:
-        await asyncio.sleep(LOCK_POLL_SECONDS)
-        lock = outbox.try_lock_sending(db, flow_name, shards)
-    if lock is None:
-        return {"sent": 0, "delivered": 0, "failed": 0, "last_error": None, "busy": 1}
-    try:
-        async with Sender(dest) as sender:
-            bucket = TokenBucket(rate_limit_for(flow_name, dest))
-            summary = await drain(db, flow_name, dest, sender, bucket, shards=shards)
-    finally:
-        lock.release()
-    left = outbox.pending_count(db, flow_name)
-    if summary.retried and left:
-        raise RetryableDelivery(left, summary.last_error)
-    return {"sent": summary.sent, "delivered": summary.delivered, "failed": summary.failed,
-            "last_error": summary.last_error}

@@ -1,4 +1,4 @@
-"""Parsing and validating one NDJSON profile fragment (SPEC "Ingest format").
+"""Parsing and validating one NDJSON profile fragment (the README's "Ingest format").
 
 Hand-written rather than a pydantic model per line: ingest runs at tens of thousands of
 lines a second and every rejection must name the field in plain words.
@@ -6,39 +6,22 @@ lines a second and every rejection must name the field in plain words.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 import orjson
 
+from state.model import STATUSES, Fragment, iso_utc
+
 MAX_LINE_BYTES = 1_048_576
 MAX_DEPTH = 32
 MAX_PROFILE_ID = 256
-STATUSES = frozenset({"realized", "existing", "exited"})
-QUALIFIED = frozenset({"realized", "existing"})
 _TOP_KEYS = frozenset({"profileId", "timestamp", "attributes", "identityMap", "segmentMembership"})
 
 
 class FragmentError(ValueError):
     """Why a line was rejected; the message is shown to the user with the line number."""
-
-
-@dataclass(slots=True)
-class Fragment:
-    profile_id: str
-    ts: int  # epoch ms
-    attributes: dict[str, Any] | None = None
-    identities: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    segments: dict[str, tuple[str, str]] = field(default_factory=dict)  # seg -> (status, lqt)
-    # leaf paths the attributes write, collected while validating (see ``leaf_paths``)
-    paths: list[str] | None = None
-
-
-def iso_utc(moment: datetime) -> str:
-    # isoformat, not strftime: glibc's %Y does not zero-pad years before 1000
-    return moment.astimezone(UTC).isoformat(timespec="seconds")[:-6] + "Z"
 
 
 def _check_nesting(value: Any, path: str, depth: int) -> None:
@@ -168,38 +151,3 @@ def parse_fragment(line: bytes | str, catalogue: frozenset[str], now_ms: int) ->
                     iso = iso_utc(datetime.fromtimestamp(now_ms / 1000, UTC))
                 frag.segments[seg] = (status, iso)
     return frag
-
-
-def leaf_paths(attrs: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted paths of the leaves a fragment writes (a null is a leaf: it removes)."""
-    out: list[str] = []
-    for key, value in attrs.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.extend(leaf_paths(value, path + "."))
-        elif not isinstance(value, dict):
-            out.append(path)
-    return out
-
-
-def deep_merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
-    """Merge ``patch`` into ``target`` in place; a null leaf removes the key, and objects
-    left empty by removals are pruned. An object that writes no value (``{}``, or only nulls
-    under a path that does not exist) changes nothing, so every change to the profile lies
-    on or under a path that ``leaf_paths`` reports."""
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict):
-            current = target.get(key)
-            if isinstance(current, dict):
-                deep_merge(current, value)
-                if not current:
-                    del target[key]
-            else:
-                fresh: dict[str, Any] = {}
-                deep_merge(fresh, value)
-                if fresh:
-                    target[key] = fresh
-        else:
-            target[key] = value

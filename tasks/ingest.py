@@ -12,11 +12,10 @@ from queue import Empty, Queue
 from threading import Thread
 from typing import BinaryIO
 
-import sqlite_utils
-
+from state import Store
 from state.db import now_ms
-from state.profiles import apply_fragments
-from tasks.fragments import MAX_LINE_BYTES, Fragment, FragmentError, parse_fragment
+from state.model import Fragment
+from tasks.fragments import MAX_LINE_BYTES, FragmentError, parse_fragment
 
 BATCH_LINES = 5_000
 STDIN_LINGER_SECONDS = 0.2  # a live feed on stdin is committed at least this often
@@ -127,7 +126,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 def ingest_stream(
-    db: sqlite_utils.Database,
+    store: Store,
     stream: BinaryIO,
     source: str,
     catalogue: frozenset[str],
@@ -158,7 +157,7 @@ def ingest_stream(
                     if on_reject:
                         on_reject(rejection)
             if good:
-                result.last_seq = apply_fragments(db, good)
+                result.last_seq = store.append_changes(good)
                 result.ingested += len(good)
             del good
         if on_progress:
@@ -167,7 +166,7 @@ def ingest_stream(
 
 
 def ingest_files(
-    db: sqlite_utils.Database,
+    store: Store,
     paths: Iterable[str],
     catalogue: frozenset[str],
     on_reject: Callable[[Rejection], None] | None = None,
@@ -177,9 +176,9 @@ def ingest_files(
     result = IngestResult()
     for path in paths:
         if path == "-":
-            ingest_stream(db, sys.stdin.buffer, "<stdin>", catalogue, result, on_reject,
+            ingest_stream(store, sys.stdin.buffer, "<stdin>", catalogue, result, on_reject,
                           on_progress, linger=STDIN_LINGER_SECONDS)
             continue
         with open(path, "rb") as fh:
-            ingest_stream(db, fh, path, catalogue, result, on_reject, on_progress)
+            ingest_stream(store, fh, path, catalogue, result, on_reject, on_progress)
     return result

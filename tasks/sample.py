@@ -2,7 +2,7 @@
 
 The sample is what the first dataflow using the destination would export: its mapped
 attributes filled with sample values, its mapped segments as realized, a sample identity,
-encoded with the real payload builder (segment names and timestamps as configured). It goes
+rendered by the one body builder (segment names and timestamps as configured). It goes
 out through :class:`destinations.sender.Sender`, so auth, headers, query parameters and
 signing are exactly those of a real delivery.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 from yarl import URL
 
-from destinations.config import (
+from config import (
     BearerAuth,
     Config,
     Dataflow,
@@ -31,8 +31,8 @@ from destinations.config import (
 from destinations.outcome import Outcome
 from destinations.sender import USER_AGENT, Sender
 from state.db import now_ms
-from state.profiles import StoredProfile
-from tasks.payload import PayloadSpec, build_payload, encode, set_path
+from state.model import StoredProfile
+from tasks.body import BodySpec, document, render, set_path
 
 SAMPLE_PROFILE_ID = "profile-relay-test-send"
 SHOW_BODY_BYTES = 300
@@ -92,9 +92,9 @@ def sample_export(config: Config, destination: str) -> SampleExport:
         for seg in flow.segments:
             segments[seg] = ("realized", now_iso)
             mapping_times[seg] = (now, now)
-        spec = PayloadSpec.for_dataflow(config, flow, mapping_times)
+        spec = BodySpec.for_dataflow(config, flow, mapping_times)
     else:
-        spec = PayloadSpec(attribute_paths=(), include_names=dest.include_segment_names,
+        spec = BodySpec(dataflow="", attribute_paths=(), include_names=dest.include_segment_names,
                            include_timestamps=dest.include_segment_timestamps,
                            catalogue={s.id: s for s in config.segments}, mapping_times={})
     profile = StoredProfile(
@@ -104,8 +104,8 @@ def sample_export(config: Config, destination: str) -> SampleExport:
                       "email": [{"id": "jane.doe@example.com"}]},
         segments=segments,
     )
-    doc = build_payload(profile, spec)
-    return SampleExport(flow.name if flow else None, doc, encode(doc))
+    return SampleExport(flow.name if flow else None, document(profile, spec),
+                        render(profile, spec))
 
 
 def _mask(name: str, value: str) -> str:

@@ -477,7 +477,7 @@ def _ingest(config: Path, rate: float, seconds: float, profiles: int, every: flo
             seed: int, stats: Path | None) -> None:
     import io
 
-    from destinations.config import load_config
+    from config import load_config
     from state.db import open_db
     from tasks.ingest import ingest_stream
 

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import sqlite_utils
 import yaml
 
-from destinations.config import Config, load_config
-from state import dataflows as flows_state
-from state.db import open_db
-from tasks.export import export_batch, payload_spec, run_backfill, sync_mapping
+from config import Config, load_config
+from state import Store, open_store
+from tasks import pipeline
 from tasks.ingest import ingest_stream
+from tasks.pipeline import PassResult
 
 FLOW = "crm-stream"
 
@@ -41,23 +40,18 @@ def fragment(pid: str, first: str = "Ann", status: str | None = "realized") -> b
     return orjson.dumps(doc) + b"\n"
 
 
-def ingest(db: sqlite_utils.Database, config: Config, *lines: bytes) -> None:
-    ingest_stream(db, io.BytesIO(b"".join(lines)), "test", frozenset(s.id for s in config.segments))
+def ingest(store: Store, config: Config, *lines: bytes) -> None:
+    ingest_stream(store, io.BytesIO(b"".join(lines)), "test",
+                  frozenset(s.id for s in config.segments))
 
 
-def decide(db: sqlite_utils.Database, config: Config) -> None:
+def decide(store: Store, config: Config) -> None:
     """One export pass of the dataflow (mappings, backfills, micro-batches), no sending."""
-    flow = config.dataflow(FLOW)
-    sync_mapping(db, config, flow)
-    spec = payload_spec(db, config, flow)
-    for job in flows_state.open_backfills(db, FLOW):
-        run_backfill(db, flow, spec, job)
-    while export_batch(db, flow, spec):
-        pass
+    pipeline.decide_pass(store, config, config.dataflow(FLOW), PassResult())
 
 
-def store(tmp_path: Path, endpoint: str, **dest: Any) -> tuple[Config, sqlite_utils.Database]:
+def store(tmp_path: Path, endpoint: str, **dest: Any) -> tuple[Config, Store]:
     config = load_config(write_config(tmp_path, endpoint, **dest))
-    db = open_db(config.state_path)
-    decide(db, config)  # registers the dataflow so later changes stream
-    return config, db
+    st = open_store(config.state_path)
+    decide(st, config)  # registers the dataflow so later changes stream
+    return config, st

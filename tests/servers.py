@@ -114,6 +114,8 @@ class Endpoint(_Server):
         self.response_body = b'{"ok":true}'
         self.delay = 0.0
         self.expect_bearer: set[str] | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests it was handling at once
 
     def fail(self, n: int, status: int, headers: dict[str, str] | None = None) -> None:
         """Answer the next ``n`` requests with ``status``."""
@@ -150,7 +152,12 @@ class Endpoint(_Server):
             )
         )
         if self.delay:
-            await asyncio.sleep(self.delay)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(self.delay)
+            finally:
+                self.in_flight -= 1
         action = self._script.popleft() if self._script else None
         if action is not None and action.kind == "drop":
             assert request.transport is not None

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from config import Destination
 from destinations.auth import (
     AuthError,
     BearerProvider,
@@ -19,7 +20,6 @@ from destinations.auth import (
     basic_authorization,
     make_provider,
 )
-from destinations.config import Destination
 from tests.servers import TokenServer
 
 ODD_ID = "a:b"

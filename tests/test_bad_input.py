@@ -10,7 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from destinations.config import ConfigError, load_config, parse_config
+from config import ConfigError, load_config, parse_config
 
 VALID = {
     "state": "relay.db",

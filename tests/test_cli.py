@@ -17,8 +17,8 @@ import orjson
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.receiver import Receiver, first_identity, segment_summary
+from app.cli import app
+from app.receiver import Receiver, first_identity, segment_summary
 from state.db import open_db
 from state.profiles import load_profiles, profile_count
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from destinations.config import (
+from config import (
     BearerAuth,
     ConfigError,
     NoAuth,

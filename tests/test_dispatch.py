@@ -8,23 +8,22 @@ import time
 import orjson
 import pytest
 
-from destinations.ratelimit import TokenBucket, rate_limit_for
-from destinations.sender import Sender
-from state import outbox
-from tasks.dispatch import SEQUENCE_HEADER, drain
-from tasks.export import payload_spec
-from tasks.replay import requeue_failures
+from tasks import pipeline
+from tasks.dispatch import SEQUENCE_HEADER
 from tests.relay_fixtures import FLOW, decide, fragment, ingest, store
 
 
-async def run_drain(config, db) -> None:
-    dest = config.destination("crm")
-    async with Sender(dest) as sender:
-        await drain(db, FLOW, dest, sender, TokenBucket(rate_limit_for(FLOW, dest)))
+async def run_drain(config, st) -> None:
+    """One attempt for each export due, as a stream pass makes it."""
+    await pipeline.deliver(st, config, config.dataflow(FLOW))
 
 
-def failed_rows(db):
-    return list(db.query("SELECT * FROM failed_requests ORDER BY id"))
+def replay(config, st) -> pipeline.ReplayPlan:
+    return pipeline.replay(st, config.dataflow(FLOW))
+
+
+def failed_rows(st):
+    return list(st.db.query("SELECT * FROM failed_requests ORDER BY id"))
 
 
 async def test_delivers_with_headers_query_and_idempotency_key(tmp_path, endpoint):
@@ -42,8 +41,8 @@ async def test_delivers_with_headers_query_and_idempotency_key(tmp_path, endpoin
         assert req.headers["Idempotency-Key"]
         assert req.headers["User-Agent"].startswith("profile-relay/")
         assert int(req.headers[SEQUENCE_HEADER]) > 0
-    assert outbox.pending_count(db, FLOW) == 0
-    assert db.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 2
+    assert db.pending_count(FLOW) == 0
+    assert db.db.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 2
 
 
 async def test_success_after_two_failures(tmp_path, endpoint):
@@ -55,7 +54,7 @@ async def test_success_after_two_failures(tmp_path, endpoint):
         await run_drain(config, db)
     keys = {r.headers["Idempotency-Key"] for r in endpoint.requests}
     assert len(endpoint.requests) == 3 and len(keys) == 1  # same key on every retry
-    delivered = list(db.query("SELECT attempts, status FROM deliveries"))
+    delivered = list(db.db.query("SELECT attempts, status FROM deliveries"))
     assert delivered == [{"attempts": 3, "status": 200}]
     assert failed_rows(db) == []
 
@@ -72,7 +71,7 @@ async def test_failed_store_after_three_attempts(tmp_path, endpoint):
     assert (row["profile_id"], row["attempts"], row["last_status"]) == ("p-1", 3, 500)
     assert row["idempotency_key"] == endpoint.requests[0].headers["Idempotency-Key"]
     assert row["first_attempt_at"] <= row["last_attempt_at"]
-    assert outbox.pending_count(db, FLOW) == 0
+    assert db.pending_count(FLOW) == 0
 
 
 async def test_no_retry_on_400(tmp_path, endpoint):
@@ -94,7 +93,7 @@ async def test_connection_drop_is_retried(tmp_path, endpoint):
     endpoint.drop(1)
     await run_drain(config, db)
     await run_drain(config, db)
-    assert db.execute("SELECT attempts FROM deliveries").fetchone()[0] == 2
+    assert db.db.execute("SELECT attempts FROM deliveries").fetchone()[0] == 2
 
 
 async def test_retry_after_sets_the_next_attempt(tmp_path, endpoint):
@@ -104,7 +103,7 @@ async def test_retry_after_sets_the_next_attempt(tmp_path, endpoint):
     endpoint.retry_after("2")
     before = time.time() * 1000
     await run_drain(config, db)
-    row = db.execute("SELECT attempts, next_attempt_at, last_status FROM outbox").fetchone()
+    row = db.db.execute("SELECT attempts, next_attempt_at, last_status FROM outbox").fetchone()
     assert row[0] == 1 and row[2] == 429
     assert row[1] >= before + 2000  # not due before Retry-After has passed
     await run_drain(config, db)
@@ -125,30 +124,50 @@ async def test_order_per_profile_kept_under_retries(tmp_path, endpoint):
     names = [orjson.loads(r.body)["person"]["name"]["firstName"] for r in endpoint.requests]
     assert seqs == sorted(seqs)
     assert names == ["v1", "v2"]
-    assert outbox.pending_count(db, FLOW) == 0
+    assert db.pending_count(FLOW) == 0
 
 
-async def test_replay_delivers_current_state_with_the_original_key(tmp_path, endpoint):
+async def test_replay_of_the_same_state_repeats_its_key(tmp_path, endpoint):
     config, db = store(tmp_path, endpoint.url)
     ingest(db, config, fragment("p-1", "old"))
     decide(db, config)
     endpoint.always(500)
     for _ in range(3):
         await run_drain(config, db)
-    key = endpoint.requests[0].headers["Idempotency-Key"]
-    # an unmapped write changes nothing to export, but replay sends the current state
-    ingest(db, config, b'{"profileId": "p-1", "attributes": {"loyalty": "gold"}}\n')
-    decide(db, config)
+    failed = endpoint.requests[0]
     endpoint.reset()
-    plan = requeue_failures(db, FLOW, payload_spec(db, config, config.dataflow(FLOW)))
+    plan = replay(config, db)
     assert [e.profile_id for e in plan.resent] == ["p-1"] and plan.superseded == []
     await run_drain(config, db)
     [req] = endpoint.requests
-    assert req.headers["Idempotency-Key"] == key
-    assert orjson.loads(req.body)["person"]["name"]["firstName"] == "old"
+    # the same state: the same body, the same key, so a receiver may drop it as a duplicate
+    assert req.body == failed.body
+    assert req.headers["Idempotency-Key"] == failed.headers["Idempotency-Key"]
     assert [r["state"] for r in failed_rows(db)] == ["requeued"]
-    again = requeue_failures(db, FLOW, payload_spec(db, config, config.dataflow(FLOW)))
+    again = replay(config, db)
     assert again.resent == [] and again.superseded == []  # nothing open any more
+
+
+async def test_replay_sends_the_current_state_under_a_new_key(tmp_path, endpoint):
+    config, db = store(tmp_path, endpoint.url)
+    ingest(db, config, fragment("p-1", "old"))
+    decide(db, config)
+    endpoint.always(500)
+    for _ in range(3):
+        await run_drain(config, db)
+    failed = endpoint.requests[0]
+    # an unmapped write exports nothing, but it is a newer state: a replay sends it, and a
+    # receiver that drops duplicate keys must not drop it
+    ingest(db, config, b'{"profileId": "p-1", "attributes": {"loyalty": "gold"}}\n')
+    ingest(db, config, fragment("p-1", "new", status=None))
+    db.db.conn.execute("UPDATE dataflows SET cursor = (SELECT max(seq) FROM changes)")
+    endpoint.reset()
+    replay(config, db)
+    await run_drain(config, db)
+    [req] = endpoint.requests
+    assert orjson.loads(req.body)["person"]["name"]["firstName"] == "new"
+    assert req.headers["Idempotency-Key"] != failed.headers["Idempotency-Key"]
+    assert int(req.headers[SEQUENCE_HEADER]) > int(failed.headers[SEQUENCE_HEADER])
 
 
 async def test_replay_supersedes_entries_delivered_since(tmp_path, endpoint):
@@ -162,7 +181,7 @@ async def test_replay_supersedes_entries_delivered_since(tmp_path, endpoint):
     decide(db, config)
     await run_drain(config, db)
     endpoint.reset()
-    plan = requeue_failures(db, FLOW, payload_spec(db, config, config.dataflow(FLOW)))
+    plan = replay(config, db)
     assert [e.profile_id for e in plan.superseded] == ["p-1"]
     assert [e.profile_id for e in plan.resent] == ["p-2"]
     await run_drain(config, db)
@@ -187,10 +206,10 @@ async def test_in_flight_limit_held(tmp_path, endpoint):
     config, db = store(tmp_path, endpoint.url, max_in_flight=3)
     ingest(db, config, *(fragment(f"p-{i}") for i in range(12)))
     decide(db, config)
-    endpoint.delay = 0.1
+    endpoint.delay = 0.1  # each request is held, so the sender would open more if it could
     await run_drain(config, db)
     assert len(endpoint.requests) == 12
-    assert len({r.peer for r in endpoint.requests}) <= 3
+    assert endpoint.max_in_flight == 3
 
 
 @pytest.mark.parametrize("status", [401, 500])
@@ -207,7 +226,7 @@ async def test_no_secret_in_database_or_failed_store(tmp_path, endpoint, monkeyp
         await run_drain(config, db)
     assert endpoint.requests[0].headers["Authorization"] == f"Bearer {token}"
     assert failed_rows(db)
-    db.conn.execute("PRAGMA wal_checkpoint(FULL)")
+    db.db.conn.execute("PRAGMA wal_checkpoint(FULL)")
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("relay.db*"))
     for secret in (token, "c2lnbmluZy1zZWNyZXQtdmFsdWU="):
         assert secret.encode() not in raw
@@ -218,7 +237,7 @@ async def test_status_json_matches_the_store_after_a_known_run(tmp_path, endpoin
     """`profile-relay status --json` after 3 delivered, 1 failed and 1 waiting export."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from app.cli import app
 
     config, db = store(tmp_path, endpoint.url)
     ingest(db, config, fragment("p-1"), fragment("p-2"), fragment("p-3"), fragment("p-4"))
@@ -233,6 +252,6 @@ async def test_status_json_matches_the_store_after_a_known_run(tmp_path, endpoin
     assert stats["dataflow"] == FLOW and stats["known"]
     assert (stats["delivered"], stats["failed"], stats["pending"]) == (3, 1, 1)
     assert stats["lag_changes"] == 0
-    latencies = [r[0] for r in db.execute("SELECT latency_ms FROM deliveries ORDER BY 1")]
+    latencies = [r[0] for r in db.db.execute("SELECT latency_ms FROM deliveries ORDER BY 1")]
     assert stats["latency_p50_ms"] == latencies[1] and stats["latency_p95_ms"] == latencies[2]
-    assert stats["last_error"] == db.execute("SELECT last_error FROM failed_requests").fetchone()[0]
+    assert stats["last_error"] == db.db.execute("SELECT last_error FROM failed_requests").fetchone()[0]

@@ -13,16 +13,16 @@ from typing import Any
 
 import orjson
 import pytest
+from tasks.export import export_batch, payload_spec, run_backfill, sync_mapping
+from tasks.payload import Encoder, PayloadSpec, build_payload, encode, idempotency_key
 
 import state.dataflows as flows_state
-from destinations.config import Config, Segment, parse_config
+from config import Config, Segment, parse_config
 from state import outbox
 from state.dataflows import CursorMoved, Export
 from state.db import now_ms, open_db
 from state.profiles import load_profiles
-from tasks.export import export_batch, payload_spec, run_backfill, sync_mapping
 from tasks.ingest import ingest_stream
-from tasks.payload import Encoder, PayloadSpec, build_payload, encode, idempotency_key
 
 FLOW = "crm-stream"
 T0 = "2026-01-11T21:24:39Z"

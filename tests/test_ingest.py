@@ -21,16 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from state.db import open_db, shard_of
+from state.model import Fragment, deep_merge, leaf_paths
 from state.profiles import apply_fragments, load_profiles, profile_count
-from tasks.fragments import (
-    MAX_DEPTH,
-    MAX_LINE_BYTES,
-    Fragment,
-    FragmentError,
-    deep_merge,
-    leaf_paths,
-    parse_fragment,
-)
+from tasks.fragments import MAX_DEPTH, MAX_LINE_BYTES, FragmentError, parse_fragment
 from tasks.ingest import IngestResult, Rejection, ingest_files, ingest_stream
 
 CAT = frozenset({"seg-a", "seg-b", "seg-c"})

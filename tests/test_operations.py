@@ -22,9 +22,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from destinations.config import load_config
-from flows.cli import app
-from flows.receiver import Receiver
+from app.cli import app
+from app.receiver import Receiver
+from config import load_config
 from state.db import open_db
 from tasks.ingest import ingest_files
 
@@ -139,7 +139,7 @@ def test_example_profiles_ingest_cleanly(tmp_path: Path) -> None:
 
 
 def test_serve_builds_stream_backfill_and_replay_deployments() -> None:
-    from flows.serve import build_deployments
+    from app.serve import build_deployments
 
     config_path = ROOT / "examples" / "config.yaml"
     built = {d.name: d for d in build_deployments(config_path, load_config(config_path),
@@ -157,7 +157,7 @@ def test_serve_builds_stream_backfill_and_replay_deployments() -> None:
 
 
 def test_serve_gives_each_dataflow_its_replay_deployment(tmp_path: Path) -> None:
-    from flows.serve import build_deployments
+    from app.serve import build_deployments
 
     doc = yaml.safe_load((ROOT / "examples" / "config.yaml").read_text(encoding="utf-8"))
     doc["dataflows"].append({**doc["dataflows"][0], "name": "second"})

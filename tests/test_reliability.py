@@ -108,7 +108,7 @@ def _last_json(text: str) -> str:
 def register(config: Path) -> None:
     """Create the dataflow on the empty store, as a first stream run would, so every
     fragment ingested afterwards is streamed (none backfilled)."""
-    from destinations.config import load_config
+    from config import load_config
     from state.db import open_db
     from tests.relay_fixtures import decide
 

@@ -10,7 +10,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-from destinations.config import ConfigError, load_config
+from config import ConfigError, load_config
 from flows.replay import replay_flow
 from flows.stream import stream_flow
 from tests.relay_fixtures import FLOW, fragment, ingest, store, write_config

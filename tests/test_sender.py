@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from config import Destination
 from destinations.auth import make_provider
-from destinations.config import Destination
 from destinations.outcome import Outcome, classify_status, parse_retry_after
 from destinations.ratelimit import TokenBucket, rate_limit_for
 from destinations.sender import USER_AGENT, Sender, build_url

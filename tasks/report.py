@@ -8,12 +8,11 @@ import re
 import time
 from collections.abc import Sequence
 
-import sqlite_utils
 from prefect.artifacts import acreate_table_artifact
 
-from destinations.config import Config, Dataflow
+from config import Config, Dataflow
+from state import Store
 from state.db import now_ms
-from state.stats import dataflow_stats
 
 
 def artifact_key(*parts: str) -> str:
@@ -21,12 +20,12 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
-async def publish_stream_summary(db: sqlite_utils.Database, config: Config,
+async def publish_stream_summary(store: Store, config: Config,
                                  flows_: Sequence[Dataflow], started_monotonic: float) -> None:
     since = now_ms() - int((time.monotonic() - started_monotonic) * 1000)
     rows = []
     for flow_ in flows_:
-        s = dataflow_stats(db, flow_.name, since_ms=since)
+        s = store.stats(flow_.name, since_ms=since)
         rows.append({
             "dataflow": flow_.name, "decided": s.decided, "delivered": s.delivered,
             "failed": s.failed, "retrying": s.retrying, "pending": s.pending,

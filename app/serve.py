@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from destinations.config import Config
+from config import Config
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

@@ -26,10 +26,10 @@ from typing import Any
 
 import orjson
 
-from destinations.config import load_config
-from flows.receiver import Receiver, first_identity
-from state.db import open_db
-from tasks.fragments import QUALIFIED
+from app.receiver import Receiver, first_identity
+from config import load_config
+from state import open_store
+from state.model import QUALIFIED
 from tasks.ingest import ingest_files
 
 MARKER = ".profile-relay-demo"
@@ -77,7 +77,7 @@ class DemoError(Exception):
 
 def sample_profiles() -> bytes:
     """The bundled sample profiles (package data, so an installed package has them)."""
-    return (resources.files("flows") / "examples" / "profiles.ndjson").read_bytes()
+    return (resources.files("app") / "examples" / "profiles.ndjson").read_bytes()
 
 
 def prepare_folder(directory: Path) -> None:
@@ -133,7 +133,7 @@ def changes(now: str) -> list[Change]:
         Change("mapped attribute rewritten with the same value", "p-0001",
                frag("p-0001", attributes={"person": {"name": {"firstName": "John"}}}), True,
                "a write to a mapped attribute triggers an export even when the value is "
-               "unchanged (SPEC trigger 3)",
+               "unchanged (export trigger 3 in the README)",
                _expect_equal("firstName", ("person", "name", "firstName"), "John"),
                lambda b: f"person.name.firstName = {_get(b, 'person', 'name', 'firstName')!r}"),
         Change("unmapped attribute written", "p-0002",
@@ -144,21 +144,21 @@ def changes(now: str) -> list[Change]:
                frag("p-0003", segmentMembership={"ups": {"seg-vip": {
                    "status": "exited", "lastQualificationTime": now}}}), True,
                "leaving a mapped segment is a membership change; the profile is exported "
-               "once more so the endpoint learns it left (SPEC trigger 1)",
+               "once more so the endpoint learns it left (export trigger 1 in the README)",
                _expect_equal("seg-vip status", ("segmentMembership", "ups", "seg-vip", "status"),
                              "exited"),
                lambda b: "seg-vip: "
                          f"{_get(b, 'segmentMembership', 'ups', 'seg-vip', 'status')}"),
         Change("identity added", "p-0004",
                frag("p-0004", identityMap={"phone": [{"id": "+33612345678"}]}), True,
-               "an identity added to the identity map triggers an export (SPEC trigger 2)",
+               "an identity added to the identity map triggers an export (export trigger 2 in the README)",
                lambda b: None if _get(b, "identityMap", "phone") == [{"id": "+33612345678"}]
                else f"identityMap.phone missing: {_get(b, 'identityMap')!r}",
                lambda b: f"identityMap namespaces {sorted(_get(b, 'identityMap') or {})}"),
         Change("profile qualifying", "p-0041",
                frag("p-0041", segmentMembership={"ups": {"seg-cart": {
                    "status": "realized", "lastQualificationTime": now}}}), True,
-               "qualifying for a mapped segment is a membership change (SPEC trigger 1)",
+               "qualifying for a mapped segment is a membership change (export trigger 1 in the README)",
                _expect_equal("seg-cart status", ("segmentMembership", "ups", "seg-cart", "status"),
                              "realized"),
                lambda b: "seg-cart: "
@@ -302,7 +302,7 @@ async def run_demo(directory: Path, echo: Callable[[str], None] = print) -> list
         config_path.write_text(CONFIG_TEMPLATE.format(port=receiver.port, signing_secret=secret),
                                encoding="utf-8")
         config = load_config(config_path)
-        db = open_db(config.state_path)
+        store = open_store(config.state_path)
         catalogue = frozenset(s.id for s in config.segments)
         echo(f"demo folder {directory}")
         echo(f"receiver on {receiver.base_url} (requests recorded in receiver.ndjson)")
@@ -310,7 +310,7 @@ async def run_demo(directory: Path, echo: Callable[[str], None] = print) -> list
         echo("\n1. ingest the sample profiles")
         profiles_path = directory / "profiles.ndjson"
         profiles_path.write_bytes(data)
-        result = ingest_files(db, [str(profiles_path)], catalogue)
+        result = ingest_files(store, [str(profiles_path)], catalogue)
         echo(f"   ingested {result.ingested} profile fragments, rejected {result.rejected}")
         if result.rejected:
             report.problem(f"{result.rejected} sample line(s) rejected: {result.rejections[:3]}")
@@ -327,7 +327,7 @@ async def run_demo(directory: Path, echo: Callable[[str], None] = print) -> list
         items = changes(_now_iso())
         echo(f"\n3. apply {len(items)} changes (changes.ndjson) and stream once more")
         changes_path = write_changes(directory, items)
-        result = ingest_files(db, [str(changes_path)], catalogue)
+        result = ingest_files(store, [str(changes_path)], catalogue)
         if result.rejected:
             report.problem(f"{result.rejected} change(s) rejected: {result.rejections[:3]}")
         totals = await _stream_once(stream_flow, config_path)
@@ -360,7 +360,7 @@ async def run_demo(directory: Path, echo: Callable[[str], None] = print) -> list
 
         expected = len(sample.qualified) + sum(c.expect for c in items)
         total = len(receiver.requests)
-        db.conn.close()
+        store.close()
     elapsed = time.monotonic() - started
     echo("")
     if report.problems:

@@ -278,6 +278,10 @@ class Config(_Model):
                 return f
         raise KeyError(f"no dataflow named {name!r}; known: {[f.name for f in self.dataflows]}")
 
+    def select_dataflows(self, name: str | None) -> list[Dataflow]:
+        """One named dataflow, or all of them."""
+        return list(self.dataflows) if name is None else [self.dataflow(name)]
+
     def segment(self, seg_id: str) -> Segment | None:
         return next((s for s in self.segments if s.id == seg_id), None)
 

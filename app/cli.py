@@ -1,4 +1,4 @@
-"""The `profile-relay` command line (SPEC "Interface contract")."""
+"""The `profile-relay` command line (the interface contract in the README's Commands section)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-import flows.common  # noqa: F401  (first: Prefect's offline and start-up settings)
-from destinations.config import Config, ConfigError, inline_secrets, load_config
+import flows  # noqa: F401  (first: Prefect's offline and start-up settings)
+from config import Config, ConfigError, inline_secrets, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stream customer profiles to HTTP endpoints.")
@@ -58,7 +58,7 @@ def ingest(config: ConfigOpt,
     """Merge NDJSON profile fragments into the store; exit 1 if any line was rejected."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-    from state.db import open_db
+    from state import open_store
     from tasks.ingest import ingest_files
 
     cfg = _config(config)
@@ -66,7 +66,7 @@ def ingest(config: ConfigOpt,
         if path != "-" and not Path(path).is_file():
             err.print(f"error: {path}: no such file", markup=False)
             raise typer.Exit(2)
-    db = open_db(cfg.state_path)
+    store = open_store(cfg.state_path)
     total = sum(Path(p).stat().st_size for p in files if p != "-")
     shown = 0
 
@@ -82,7 +82,7 @@ def ingest(config: ConfigOpt,
                   TimeRemainingColumn(), console=err, transient=True,
                   disable=not sys.stderr.isatty() or total < 5_000_000) as bar:
         task_id = bar.add_task("ingest", total=total or None)
-        result = ingest_files(db, files, frozenset(s.id for s in cfg.segments), on_reject=reject,
+        result = ingest_files(store, files, frozenset(s.id for s in cfg.segments), on_reject=reject,
                               on_progress=lambda n: bar.advance(task_id, n))
     out.print(f"ingested {result.ingested}, rejected {result.rejected}", markup=False)
     raise typer.Exit(1 if result.rejected else 0)
@@ -144,12 +144,11 @@ def status(config: ConfigOpt,
     """Per dataflow: pending, delivered, failed, lag, latency p50/p95 (last hour)."""
     from rich.table import Table
 
-    from state.db import open_db
-    from state.stats import dataflow_stats
+    from state import open_store
 
     cfg = _config(config)
-    db = open_db(cfg.state_path)
-    stats = [dataflow_stats(db, f.name) for f in cfg.dataflows]
+    store = open_store(cfg.state_path)
+    stats = [store.stats(f.name) for f in cfg.dataflows]
     if as_json:
         out.print_json(data={"dataflows": [s.as_dict() for s in stats]})
         return
@@ -215,7 +214,7 @@ def receiver(
     seed: Annotated[int | None, typer.Option(help="random seed for --fail-rate")] = None,
 ) -> None:
     """A local endpoint: accepts POSTs on any path, answers 200 and records them."""
-    from flows.receiver import Receiver, serve_until_stopped
+    from app.receiver import Receiver, serve_until_stopped
 
     def ready(r: Receiver) -> None:
         answers = (f"answers {status}" if status is not None
@@ -245,7 +244,7 @@ def receiver(
 def demo(directory: Annotated[Path, typer.Option("--dir", help="scratch folder (wiped first)")] = Path(
         "demo-run")) -> None:
     """The whole job on the embedded default, end to end, on this machine."""
-    from flows.demo import DemoError, run_demo
+    from app.demo import DemoError, run_demo
 
     try:
         problems = asyncio.run(run_demo(directory, echo=lambda text: out.print(text, markup=False)))
@@ -276,8 +275,8 @@ def serve(config: ConfigOpt,
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
-    from flows.serve import ServerError
-    from flows.serve import serve as serve_deployments
+    from app.serve import ServerError
+    from app.serve import serve as serve_deployments
 
     try:
         CronSchedule(cron=replay_cron)

@@ -1,0 +1,140 @@
+"""SqliteStore: the Store on one SQLite file (WAL), the embedded default."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from state import dataflows, leases, outbox, profiles, stats
+from state.db import now_ms, open_db
+from state.model import (
+    Attempt,
+    Backfill,
+    Export,
+    FailedEntry,
+    Fragment,
+    Pending,
+    StoredProfile,
+    SyncResult,
+)
+from state.stats import DataflowStats
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.db = open_db(self.path)
+
+    # profiles and the change log
+    def append_changes(self, fragments: Sequence[Fragment]) -> int:
+        return profiles.apply_fragments(self.db, fragments)
+
+    def load_profiles(self, profile_ids: Sequence[str]) -> dict[str, StoredProfile]:
+        return profiles.load_profiles(self.db, profile_ids)
+
+    def profile_count(self) -> int:
+        return profiles.profile_count(self.db)
+
+    def head_seq(self) -> int:
+        return dataflows.max_seq(self.db)
+
+    def read_changes(self, after: int, limit: int) -> list[tuple]:
+        return dataflows.read_changes(self.db, after, limit)
+
+    def memberships(self, profile_ids: Sequence[str],
+                    segments: Sequence[str]) -> list[tuple[str, str, str]]:
+        return dataflows.memberships(self.db, profile_ids, segments)
+
+    # dataflow state
+    def sync_dataflow(self, name: str, destination: str, segments: Sequence[str],
+                      mapping_hash: str) -> SyncResult:
+        return dataflows.sync_dataflow(self.db, name, destination, segments, mapping_hash)
+
+    def cursor(self, dataflow: str) -> int:
+        return dataflows.cursor(self.db, dataflow)
+
+    def mapping_times(self, dataflow: str) -> dict[str, tuple[int, int]]:
+        return dataflows.mapping_times(self.db, dataflow)
+
+    def snapshots(self, dataflow: str, profile_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+        return dataflows.snapshots(self.db, dataflow, profile_ids)
+
+    def enqueue_exports(self, dataflow: str, exports: Sequence[Export],
+                        snapshot_updates: Sequence[tuple[str, str]] = (),
+                        cursor_from: int | None = None, cursor_to: int | None = None,
+                        backfill: tuple[int, str, int] | None = None) -> None:
+        dataflows.queue_exports(self.db, dataflow, exports, snapshot_updates, cursor_from,
+                                cursor_to, backfill)
+
+    # backfills
+    def start_backfill(self, dataflow: str, segment: str | None, reason: str) -> int:
+        return dataflows.start_backfill(self.db, dataflow, segment, reason)
+
+    def open_backfills(self, dataflow: str) -> list[Backfill]:
+        return dataflows.open_backfills(self.db, dataflow)
+
+    def count_qualified(self, segments: Sequence[str]) -> int:
+        return dataflows.count_qualified(self.db, segments)
+
+    def qualified_after(self, segments: Sequence[str], after: str, limit: int) -> list[str]:
+        return dataflows.qualified_after(self.db, segments, after, limit)
+
+    def backfill_rows(self, profile_ids: Sequence[str],
+                      mapped_segments: Sequence[str]) -> list[tuple[str, int, str]]:
+        return dataflows.backfill_rows(self.db, profile_ids, mapped_segments)
+
+    def set_backfill_total(self, job: int, total: int) -> None:
+        dataflows.set_backfill_total(self.db, job, total)
+
+    def finish_backfill(self, job: int) -> None:
+        dataflows.finish_backfill(self.db, job)
+
+    # the outbox
+    def claim_due(self, dataflow: str, now: int, limit: int,
+                  tried_before: int | None = None) -> list[Pending]:
+        return outbox.due(self.db, dataflow, now, limit, tried_before=tried_before)
+
+    def pending_count(self, dataflow: str) -> int:
+        return outbox.pending_count(self.db, dataflow)
+
+    def next_due(self, dataflow: str) -> int | None:
+        return outbox.next_due(self.db, dataflow)
+
+    def record_outcomes(self, dataflow: str, delivered: Sequence[Attempt],
+                        retrying: Sequence[Attempt], failed: Sequence[Attempt]) -> None:
+        outbox.record(self.db, dataflow, delivered, retrying, failed)
+
+    def lock_sending(self, dataflow: str) -> outbox.SendLock | None:
+        """An flock beside the database file: the kernel drops it when the holder dies."""
+        return outbox.try_lock_sending(self.db, dataflow)
+
+    # the failed-request store
+    def open_failures(self, dataflow: str) -> list[FailedEntry]:
+        return outbox.open_failures(self.db, dataflow)
+
+    def requeue_failures(self, dataflow: str, entries: Sequence[FailedEntry]
+                         ) -> tuple[list[FailedEntry], list[FailedEntry]]:
+        return outbox.requeue(self.db, dataflow, entries)
+
+    # leases
+    def acquire_lease(self, dataflow: str, group: int, owner: str, ttl_ms: int) -> int | None:
+        return leases.acquire(self.db, dataflow, group, owner, ttl_ms, now_ms())
+
+    def holds_lease(self, dataflow: str, group: int, epoch: int) -> bool:
+        return leases.holds(self.db, dataflow, group, epoch, now_ms())
+
+    def release_lease(self, dataflow: str, group: int, owner: str) -> None:
+        leases.release(self.db, dataflow, group, owner)
+
+    # figures and upkeep
+    def stats(self, dataflow: str, since_ms: int | None = None) -> DataflowStats:
+        return stats.dataflow_stats(self.db, dataflow, since_ms)
+
+    def prune_deliveries(self, older_than_ms: int) -> int:
+        return outbox.prune_deliveries(self.db, older_than_ms)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+
+__all__ = ["SqliteStore"]

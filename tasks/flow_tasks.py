@@ -1,0 +1,86 @@
+"""The Prefect tasks the flows are made of: thin wrappers around pipeline steps.
+
+``dispatch`` is the card's dispatch task with ``retries=2``: a run is one pass of the
+pipeline (decide, then one attempt for each export due), and each of its two retries is
+the next attempt for the exports the run left waiting for a retry, taken once their
+backoff or ``Retry-After`` has passed. So an export gets at most three attempts, the
+number the retry policy (``destinations.retry``) allows, and a task run's retry count is
+the attempt number of the exports it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from config import Config, Dataflow
+from destinations.retry import DISPATCH_RETRIES, RetryPolicy
+from state import Store
+from state.model import Backfill
+from tasks import pipeline
+from tasks.pipeline import PassResult
+
+SENDER_WAIT_SECONDS = 60.0  # a settling run waits this long for another sender to finish
+
+
+class RetryableDelivery(Exception):
+    """Some exports failed in a retryable way; the dispatch task's retry sends them again."""
+
+    def __init__(self, retrying: int, last_error: str | None) -> None:
+        self.retrying = retrying
+        super().__init__(f"{retrying} export(s) to retry; last error: {last_error}")
+
+
+def _is_retryable(task_obj: object, task_run: object, state: Any) -> bool:
+    return isinstance(getattr(state, "data", None), RetryableDelivery)
+
+
+@task(name="dispatch", retries=DISPATCH_RETRIES, retry_condition_fn=_is_retryable,
+      cache_policy=NO_CACHE, task_run_name="dispatch {dataflow}")
+async def dispatch_task(store: Store, config: Config, dataflow: str, totals: PassResult,
+                        settle: bool) -> dict[str, int]:
+    ctx = TaskRunContext.get()
+    is_retry = ctx is not None and ctx.task_run.run_count > 1
+    flow = config.dataflow(dataflow)
+    result = await pipeline.run_pass(
+        store, config, flow, wait_due=settle or is_retry,
+        lock_wait=SENDER_WAIT_SECONDS if settle else 0.0, logger=get_run_logger())
+    for key in ("changes", "exports", "backfilled"):
+        setattr(totals, key, getattr(totals, key) + getattr(result, key))
+    totals.delivery.add(result.delivery)
+    if result.delivery.retrying:
+        raise RetryableDelivery(result.delivery.retrying, result.delivery.last_error)
+    return result.counts()
+
+
+async def dispatch(store: Store, config: Config, flow: Dataflow, totals: PassResult,
+                   settle: bool = False) -> None:
+    """Run the dispatch task; ``settle``: again until every export decided so far is
+    delivered or in the failed store."""
+    policy = RetryPolicy.for_destination(config.destination(flow.destination))
+    run = dispatch_task.with_options(retry_delay_seconds=policy.task_retry_delays())
+    while True:
+        try:
+            await run(store, config, flow.name, totals, settle)
+        except RetryableDelivery as exc:  # retries spent: the exports wait in the outbox
+            get_run_logger().warning("%s: %s", flow.name, exc)
+        if not settle or pipeline.settled(store, flow) or totals.delivery.busy:
+            return
+
+
+@task(name="backfill", cache_policy=NO_CACHE, task_run_name="backfill {job.dataflow}")
+async def backfill_task(store: Store, flow: Dataflow, job: Backfill,
+                        on_progress: Callable[[int, int], None] | None = None) -> int:
+    # in a thread, so the loop keeps publishing progress while chunks are written
+    return await asyncio.to_thread(pipeline.backfill, store, flow, job,
+                                   on_progress=on_progress)
+
+
+@task(name="requeue-failures", cache_policy=NO_CACHE, task_run_name="requeue {flow.name}")
+def requeue_task(store: Store, flow: Dataflow) -> pipeline.ReplayPlan:
+    return pipeline.replay(store, flow)

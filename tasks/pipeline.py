@@ -1,0 +1,241 @@
+"""The relay's pipeline for one dataflow, as plain functions with explicit inputs.
+
+One pass: bring the dataflow's mapping in line with the config (a new dataflow or a newly
+mapped segment opens a backfill), run the open backfills, decide the exports of the
+change log after the dataflow's cursor, and deliver what is due. The flows, the demo, the
+tests and the benchmarks all run these functions; the flows only wrap them in Prefect
+tasks. Nothing here knows Prefect or SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from config import Config, Dataflow
+from destinations.ratelimit import TokenBucket, rate_limit_for
+from destinations.retry import RetryPolicy
+from destinations.sender import Sender
+from state import CursorMoved, Store
+from state.db import now_ms
+from state.model import Backfill, Export, FailedEntry, SyncResult
+from tasks.body import BodySpec
+from tasks.diff import candidates, decide
+from tasks.dispatch import DeliverySummary, drain
+
+BATCH_CHANGES = 10_000
+BACKFILL_CHUNK = 5_000
+MAX_BATCHES_PER_PASS = 20  # then deliver, so a long backlog does not hold up sending
+LOCK_POLL_SECONDS = 0.05
+
+log = logging.getLogger("profile_relay")
+
+
+@dataclass
+class PassResult:
+    changes: int = 0
+    exports: int = 0
+    backfilled: int = 0
+    delivery: DeliverySummary = field(default_factory=DeliverySummary)
+
+    def counts(self) -> dict[str, int]:
+        d = self.delivery
+        return {"changes": self.changes, "exports": self.exports, "backfilled": self.backfilled,
+                "delivered": d.delivered, "retrying": d.retrying, "failed": d.failed}
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    changes: int
+    exports: int
+    cursor: int
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    resent: list[FailedEntry]
+    superseded: list[FailedEntry]
+
+
+# -- mapping ----------------------------------------------------------------------------------
+
+def mapping_hash(config: Config, flow: Dataflow) -> str:
+    """What the mapping is, apart from its segments: a change bumps mappingUpdatedAt."""
+    dest = config.destination(flow.destination)
+    doc = {"destination": flow.destination, "attributes": flow.attributes,
+           "names": dest.include_segment_names, "timestamps": dest.include_segment_timestamps}
+    return hashlib.sha256(orjson.dumps(doc)).hexdigest()[:16]
+
+
+def sync(store: Store, config: Config, flow: Dataflow,
+         logger: logging.Logger | logging.LoggerAdapter = log) -> SyncResult:
+    result = store.sync_dataflow(flow.name, flow.destination, flow.segments,
+                                 mapping_hash(config, flow))
+    if result.created:
+        logger.info("%s: new dataflow, backfilling its segments", flow.name)
+    elif result.new_segments:
+        logger.info("%s: newly mapped %s, backfilling", flow.name, ", ".join(result.new_segments))
+    return result
+
+
+def body_spec(store: Store, config: Config, flow: Dataflow) -> BodySpec:
+    return BodySpec.for_dataflow(config, flow, store.mapping_times(flow.name))
+
+
+# -- deciding exports --------------------------------------------------------------------------
+
+def decide_batch(store: Store, flow: Dataflow, limit: int = BATCH_CHANGES) -> BatchResult | None:
+    """Decide one micro-batch after the dataflow's cursor and queue its exports, the new
+    snapshots and the advanced cursor in one transaction. None when there is nothing new."""
+    start = store.cursor(flow.name)
+    rows = store.read_changes(start, limit)
+    if not rows:
+        return None
+    cands = candidates(rows, flow.attributes, flow.segments)
+    pids = cands.get_column("profile_id").to_list()
+    seen = store.snapshots(flow.name, pids)
+    decisions = decide(cands, store.memberships(pids, flow.segments),
+                       {pid: qualified for pid, (qualified, _) in seen.items()})
+    # A backfill may already have queued a state at or after this change (the cursor lags
+    # behind a newly mapped segment's backfill): exporting again would repeat that state.
+    exports = [Export(d.profile_id, d.seq, d.reason, d.change_at, d.qualified)
+               for d in decisions if d.export and d.seq > seen.get(d.profile_id, ("", 0))[1]]
+    picked = {e.profile_id for e in exports}
+    moved = [(d.profile_id, d.qualified) for d in decisions if d.profile_id not in picked]
+    store.enqueue_exports(flow.name, exports, moved, cursor_from=start, cursor_to=rows[-1][0])
+    return BatchResult(len(rows), len(exports), rows[-1][0])
+
+
+def backfill(store: Store, flow: Dataflow, job: Backfill, chunk: int = BACKFILL_CHUNK,
+             on_progress: Callable[[int, int], None] | None = None) -> int:
+    """Queue every profile qualified for the job's segments, in profile order, chunk by
+    chunk; progress is saved with each chunk, so a crash resumes where it stopped."""
+    segments = [job.segment_id] if job.segment_id else list(flow.segments)
+    total = job.total
+    if total is None:
+        total = store.count_qualified(segments) + job.done
+        store.set_backfill_total(job.id, total)
+    done, after = job.done, job.after_profile
+    exported = 0
+    while pids := store.qualified_after(segments, after, chunk):
+        now = now_ms()
+        exports = [Export(pid, seq, "backfill", now, qualified)
+                   for pid, seq, qualified in store.backfill_rows(pids, flow.segments)]
+        store.enqueue_exports(flow.name, exports, backfill=(job.id, pids[-1], len(pids)))
+        after = pids[-1]
+        done += len(pids)
+        exported += len(exports)
+        if on_progress:
+            on_progress(done, max(total, done))
+    store.finish_backfill(job.id)
+    return exported
+
+
+def decide_pass(store: Store, config: Config, flow: Dataflow, result: PassResult,
+                logger: logging.Logger | logging.LoggerAdapter = log) -> None:
+    """Sync the mapping, run open backfills, decide the change log after the cursor."""
+    sync(store, config, flow, logger)
+    for job in store.open_backfills(flow.name):
+        result.backfilled += backfill(store, flow, job)
+    for _ in range(MAX_BATCHES_PER_PASS):
+        if store.head_seq() <= store.cursor(flow.name):
+            break
+        try:
+            batch = decide_batch(store, flow)
+        except CursorMoved:
+            logger.warning("%s: another stream run moved the cursor; re-reading", flow.name)
+            continue
+        if batch is None:
+            break
+        result.changes += batch.changes
+        result.exports += batch.exports
+        logger.info("%s: %d change(s) -> %d export(s), cursor %d", flow.name, batch.changes,
+                    batch.exports, batch.cursor)
+
+
+def replay(store: Store, flow: Dataflow) -> ReplayPlan:
+    """Put the failed store back in the outbox: each profile once, sent with its state at
+    send time (so never an older state after a newer one); see ``Store.requeue_failures``."""
+    resent, superseded = store.requeue_failures(flow.name, store.open_failures(flow.name))
+    return ReplayPlan(resent, superseded)
+
+
+# -- delivering ----------------------------------------------------------------------------------
+
+def has_work(store: Store, flow: Dataflow) -> bool:
+    """Whether a pass would do anything now: new changes, an open backfill, or an export
+    due. An empty poll, or exports only waiting for their backoff, is not work."""
+    try:
+        behind = store.head_seq() > store.cursor(flow.name)
+    except KeyError:  # a dataflow that has never run
+        return True
+    if behind or store.open_backfills(flow.name):
+        return True
+    due = store.next_due(flow.name)
+    return due is not None and due <= now_ms()
+
+
+async def deliver(store: Store, config: Config, flow: Dataflow, *, wait_due: bool = False,
+                  lock_wait: float = 0.0) -> DeliverySummary:
+    """One attempt for each export due now. ``wait_due``: when nothing is due yet, first
+    wait for the earliest export's next attempt (its backoff or Retry-After). One process
+    sends a dataflow at a time: while another one does, wait up to ``lock_wait`` seconds,
+    then leave the outbox to it (``busy``)."""
+    dest = config.destination(flow.destination)
+    policy = RetryPolicy.for_destination(dest)
+    if wait_due:
+        due = store.next_due(flow.name)
+        if due is not None and due > now_ms():
+            await asyncio.sleep((due - now_ms()) / 1000)
+    lock = store.lock_sending(flow.name)
+    deadline = time.monotonic() + lock_wait
+    while lock is None and time.monotonic() < deadline:
+        await asyncio.sleep(LOCK_POLL_SECONDS)
+        lock = store.lock_sending(flow.name)
+    if lock is None:
+        return DeliverySummary(busy=True)
+    try:
+        spec = body_spec(store, config, flow)
+        async with Sender(dest) as sender:
+            bucket = TokenBucket(rate_limit_for(flow.name, dest))
+            return await drain(store, flow.name, spec, policy, sender, bucket, dest.max_in_flight)
+    finally:
+        lock.release()
+
+
+async def run_pass(store: Store, config: Config, flow: Dataflow, *, wait_due: bool = False,
+                   lock_wait: float = 0.0,
+                   logger: logging.Logger | logging.LoggerAdapter = log) -> PassResult:
+    """One whole pass: decide, then one attempt for each export due."""
+    result = PassResult()
+    decide_pass(store, config, flow, result, logger)
+    result.delivery = await deliver(store, config, flow, wait_due=wait_due, lock_wait=lock_wait)
+    return result
+
+
+def settled(store: Store, flow: Dataflow) -> bool:
+    """Every decided export is delivered or in the failed store."""
+    return store.pending_count(flow.name) == 0
+
+
+async def run_until_settled(store: Store, config: Config, flow: Dataflow,
+                            lock_wait: float = 60.0,
+                            logger: logging.Logger | logging.LoggerAdapter = log) -> PassResult:
+    """Passes until the outbox is empty, waiting for each retry's due time in between.
+    Ends: every export has at most ``MAX_ATTEMPTS`` attempts."""
+    total = PassResult()
+    while True:
+        result = await run_pass(store, config, flow, wait_due=True, lock_wait=lock_wait,
+                                logger=logger)
+        total.changes += result.changes
+        total.exports += result.exports
+        total.backfilled += result.backfilled
+        total.delivery.add(result.delivery)
+        if settled(store, flow) or result.delivery.busy:
+            return total
