@@ -58,6 +58,7 @@ class Pending:
     change_at: int
     attempts: int
     first_attempt_at: int | None
+    delivered_seq: int = 0  # the newest state of this profile the dataflow has delivered
 
 
 @dataclass(frozen=True, slots=True)

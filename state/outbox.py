@@ -34,7 +34,9 @@ def due(db: sqlite_utils.Database, dataflow: str, now: int, limit: int,
     if shards is not None:
         where += " AND shard % ? = ?"
         extra += [shards[1], shards[0]]
-    columns = ("SELECT profile_id, seq, reason, change_at, attempts, first_attempt_at "
+    columns = ("SELECT profile_id, seq, reason, change_at, attempts, first_attempt_at, "
+               "coalesce((SELECT delivered_seq FROM dataflow_profiles d WHERE d.dataflow = "
+               "outbox.dataflow AND d.profile_id = outbox.profile_id), 0) "
                "FROM outbox WHERE dataflow = ? ")
     conn = db.conn
     fresh = conn.execute(f"{columns}AND next_attempt_at = 0{where} ORDER BY seq LIMIT ?",
@@ -57,13 +59,16 @@ def next_due(db: sqlite_utils.Database, dataflow: str) -> int | None:
 
 
 def record(db: sqlite_utils.Database, dataflow: str, delivered: Sequence[Attempt],
-           retrying: Sequence[Attempt], failed: Sequence[Attempt]) -> None:
+           retrying: Sequence[Attempt], failed: Sequence[Attempt],
+           skipped: Sequence[Pending] = ()) -> None:
     """Write a round of attempts in one transaction. Each row is only touched if the
-    outbox still holds that very export (a newer one may have replaced it meanwhile)."""
+    outbox still holds that very export (a newer one may have replaced it meanwhile).
+    ``skipped``: exports whose profile state was already delivered, closed unsent."""
     with write_txn(db) as conn:
         conn.executemany(
             "DELETE FROM outbox WHERE dataflow = ? AND profile_id = ? AND seq = ?",
-            [(dataflow, a.item.profile_id, a.item.seq) for a in (*delivered, *failed)])
+            [(dataflow, a.item.profile_id, a.item.seq) for a in (*delivered, *failed)]
+            + [(dataflow, p.profile_id, p.seq) for p in skipped])
         conn.executemany(
             "INSERT INTO deliveries (dataflow, profile_id, seq, idempotency_key, status, attempts, "
             "latency_ms, delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

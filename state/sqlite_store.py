@@ -101,8 +101,9 @@ class SqliteStore:
         return outbox.next_due(self.db, dataflow)
 
     def record_outcomes(self, dataflow: str, delivered: Sequence[Attempt],
-                        retrying: Sequence[Attempt], failed: Sequence[Attempt]) -> None:
-        outbox.record(self.db, dataflow, delivered, retrying, failed)
+                        retrying: Sequence[Attempt], failed: Sequence[Attempt],
+                        skipped: Sequence[Pending] = ()) -> None:
+        outbox.record(self.db, dataflow, delivered, retrying, failed, skipped)
 
     def lock_sending(self, dataflow: str) -> outbox.SendLock | None:
         """An flock beside the database file: the kernel drops it when the holder dies."""

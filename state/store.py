@@ -76,7 +76,10 @@ class Store(Protocol):
     def next_due(self, dataflow: str) -> int | None:
         """The earliest next-attempt time in the outbox (0: due now; None: empty)."""
     def record_outcomes(self, dataflow: str, delivered: Sequence[Attempt],
-                        retrying: Sequence[Attempt], failed: Sequence[Attempt]) -> None: ...
+                        retrying: Sequence[Attempt], failed: Sequence[Attempt],
+                        skipped: Sequence[Pending] = ()) -> None:
+        """One transaction: delivered into the delivery log, retrying rescheduled, failed
+        into the failed store; ``skipped`` (state already delivered) just closed."""
     def lock_sending(self, dataflow: str) -> SendLock | None:
         """The right to send the dataflow's outbox, or None while another process has it;
         one sender at a time keeps each profile's deliveries in order."""

@@ -55,8 +55,17 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
                      items: list[Pending]) -> DeliverySummary:
     """Send each item once; outcomes are committed in groups as they come in (a group is
     committed at ``COMMIT_GROUP`` of the slots, or when every slot waits for a commit)."""
-    summary = DeliverySummary(sent=len(items))
     profiles = store.load_profiles([i.profile_id for i in items])
+    # Sending renders the profile's state now, which may be newer than the change that
+    # queued a streamed export; when that state has been delivered already there is
+    # nothing new to say. A backfill is sent regardless: it was asked for.
+    skipped = [i for i in items if i.reason != "backfill"
+               and (p := profiles.get(i.profile_id)) is not None and p.last_seq <= i.delivered_seq]
+    if skipped:
+        store.record_outcomes(dataflow, [], [], [], skipped)
+        done = {i.profile_id for i in skipped}
+        items = [i for i in items if i.profile_id not in done]
+    summary = DeliverySummary(sent=len(items))
     queue = deque(items)
     slots = asyncio.Semaphore(max_in_flight)
     pending: list[tuple[str, Attempt]] = []

@@ -478,11 +478,11 @@ def _ingest(config: Path, rate: float, seconds: float, profiles: int, every: flo
     import io
 
     from config import load_config
-    from state.db import open_db
+    from state import open_store
     from tasks.ingest import ingest_stream
 
     cfg = load_config(config)
-    db = open_db(cfg.state_path)
+    db = open_store(cfg.state_path)
     catalogue = frozenset(s.id for s in cfg.segments)
     rng = random.Random(seed)
     stopping = False

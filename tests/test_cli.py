@@ -19,8 +19,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from app.receiver import Receiver, first_identity, segment_summary
-from state.db import open_db
-from state.profiles import load_profiles, profile_count
+from state import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 RELAY = ROOT / ".venv" / "bin" / "profile-relay"
@@ -120,14 +119,14 @@ def test_ingest_rejects_bad_lines_with_numbers_and_keeps_the_good(tmp_path: Path
     for number in (2, 4, 5):
         assert any(f"{data}:{number}:" in line for line in rejected), (number, rejected)
     assert "ingested 3, rejected 3" in result.stdout
-    db = open_db(tmp_path / "relay.db")
+    db = open_store(tmp_path / "relay.db")
     try:
-        assert profile_count(db) == 2
-        p1 = load_profiles(db, ["p-1"])["p-1"]
+        assert db.profile_count() == 2
+        p1 = db.load_profiles(["p-1"])["p-1"]
         assert p1.attributes == {"person": {"name": {"firstName": "John"}},
                                  "personalEmail": {"address": "j@x.com"}}
     finally:
-        db.conn.close()
+        db.close()
 
 
 def test_ingest_all_good_exits_0(tmp_path: Path) -> None:

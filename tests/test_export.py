@@ -1,27 +1,27 @@
-"""Change detection and exports (SPEC "When a profile is exported to a dataflow", "What one
-export contains", "Historical backfill"). Plain functions on a real SQLite file: ingest
-NDJSON, run one dataflow pass (sync_mapping -> open backfills -> export_batch until None)
-and look at what the outbox holds. No Prefect."""
+"""Change detection and exports (the README's "When a profile is exported", "What an export
+contains", "Backfill"). The pipeline's plain functions on a real SQLite store: ingest
+NDJSON, run one dataflow's decide pass (sync -> open backfills -> decide_batch until None)
+and look at what the outbox holds, rendered by the body builder. No Prefect."""
 
 from __future__ import annotations
 
 import io
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from tasks.export import export_batch, payload_spec, run_backfill, sync_mapping
-from tasks.payload import Encoder, PayloadSpec, build_payload, encode, idempotency_key
 
 import state.dataflows as flows_state
 from config import Config, Segment, parse_config
-from state import outbox
-from state.dataflows import CursorMoved, Export
-from state.db import now_ms, open_db
-from state.profiles import load_profiles
+from state import CursorMoved, open_store
+from state.db import now_ms
+from state.model import Attempt, Export
+from tasks import pipeline
+from tasks.body import BodySpec, document, idempotency_key, render
 from tasks.ingest import ingest_stream
 
 FLOW = "crm-stream"
@@ -66,14 +66,27 @@ def frag(pid: str, attrs: dict | None = None, ids: dict | None = None,
     return doc
 
 
+@dataclass(frozen=True)
+class Sent:
+    """A queued export as a sender would send it now."""
+
+    profile_id: str
+    seq: int
+    reason: str
+    idempotency_key: str
+    sent_seq: int
+    body: dict[str, Any]
+
+
 class Relay:
     """One store and one dataflow; ``run_pass`` returns what the pass queued and clears it."""
 
     def __init__(self, base: Path, **config: Any) -> None:
         self.base = base
-        self.db = open_db(base / "relay.db")
+        self.store = open_store(base / "relay.db")
+        self.db = self.store.db
         self.configure(**config)
-        self.last: list[outbox.Pending] = []
+        self.last: list[Sent] = []
 
     def configure(self, **config: Any) -> None:
         self.config = make_config(self.base, **config)
@@ -81,31 +94,37 @@ class Relay:
 
     def ingest(self, *fragments: dict) -> None:
         data = b"".join(orjson.dumps(f) + b"\n" for f in fragments)
-        result = ingest_stream(self.db, io.BytesIO(data), "src", SEG_IDS)
+        result = ingest_stream(self.store, io.BytesIO(data), "src", SEG_IDS)
         assert result.rejected == 0, result.rejections
 
-    def spec(self):
-        return payload_spec(self.db, self.config, self.flow)
+    def spec(self) -> BodySpec:
+        return pipeline.body_spec(self.store, self.config, self.flow)
+
+    def sync(self) -> None:
+        pipeline.sync(self.store, self.config, self.flow)
 
     def run_pass(self) -> dict[str, dict]:
-        sync_mapping(self.db, self.config, self.flow)
-        spec = self.spec()
-        for job in flows_state.open_backfills(self.db, FLOW):
-            run_backfill(self.db, self.flow, spec, job)
-        while export_batch(self.db, self.flow, spec) is not None:
-            pass
+        pipeline.decide_pass(self.store, self.config, self.flow, pipeline.PassResult())
         return self.take()
 
-    def pending(self) -> list[outbox.Pending]:
-        return outbox.due(self.db, FLOW, now=2**62, limit=1_000_000)
+    def pending(self) -> list[Sent]:
+        items = self.store.claim_due(FLOW, now=2**62, limit=1_000_000)
+        profiles = self.store.load_profiles([p.profile_id for p in items])
+        spec = self.spec()
+        return [Sent(p.profile_id, p.seq, p.reason,
+                     idempotency_key(spec, p.profile_id, profiles[p.profile_id].last_seq),
+                     profiles[p.profile_id].last_seq,
+                     orjson.loads(render(profiles[p.profile_id], spec))) for p in items]
 
     def take(self) -> dict[str, dict]:
         """The outbox's bodies by profile, then the outbox emptied (as delivered)."""
+        items = self.store.claim_due(FLOW, now=2**62, limit=1_000_000)
         self.last = self.pending()
         at = now_ms()
-        outbox.record(self.db, FLOW, [outbox.Attempt(p, 200, None, at) for p in self.last], [], [])
-        assert outbox.pending_count(self.db, FLOW) == 0
-        bodies = {p.profile_id: orjson.loads(p.body) for p in self.last}
+        self.store.record_outcomes(FLOW, [Attempt(p, s.sent_seq, s.idempotency_key, 200, None, at)
+                                          for p, s in zip(items, self.last, strict=True)], [], [])
+        assert self.store.pending_count(FLOW) == 0
+        bodies = {p.profile_id: p.body for p in self.last}
         assert len(bodies) == len(self.last)
         return bodies
 
@@ -119,7 +138,7 @@ def relay(tmp_path: Path):
     r = Relay(tmp_path)
     assert r.run_pass() == {}
     yield r
-    r.db.conn.close()
+    r.store.close()
 
 
 def qualified(pid: str, seg: str = "seg-a", **attrs_kw: Any) -> dict:
@@ -316,22 +335,21 @@ def test_fragments_of_one_profile_in_a_batch_give_one_export_with_the_latest_sta
         "SELECT max(seq) FROM changes WHERE profile_id = 'p-1'").fetchone()[0]
     by_pid = {p.profile_id: p for p in relay.last}
     assert by_pid["p-1"].seq == newest
-    assert by_pid["p-1"].idempotency_key == idempotency_key(FLOW, "p-1", newest,
-                                                            by_pid["p-1"].body)
+    assert by_pid["p-1"].idempotency_key == idempotency_key(relay.spec(), "p-1", newest)
     assert by_pid["p-2"].seq == relay.cursor()
 
 
 def test_newer_export_replaces_one_still_waiting(relay: Relay) -> None:
     relay.ingest(qualified("p-1"))
-    sync_mapping(relay.db, relay.config, relay.flow)
-    export_batch(relay.db, relay.flow, relay.spec())
+    relay.sync()
+    pipeline.decide_batch(relay.store, relay.flow)
     first = relay.pending()
     relay.ingest(frag("p-1", attrs={"person": {"name": {"firstName": "Jo"}}}))
-    export_batch(relay.db, relay.flow, relay.spec())
+    pipeline.decide_batch(relay.store, relay.flow)
     second = relay.pending()
     assert len(first) == len(second) == 1
     assert second[0].seq > first[0].seq
-    assert orjson.loads(second[0].body)["person"]["name"]["firstName"] == "Jo"
+    assert second[0].body["person"]["name"]["firstName"] == "Jo"
 
 
 RICH = frag(
@@ -352,7 +370,7 @@ def test_payload_content(tmp_path: Path, names: bool, timestamps: bool) -> None:
     relay.ingest(RICH, frag("p-1", ids={"crm": [{"id": "c-9"}]}),
                  frag("p-1", segs={"seg-b": "exited"}, lqt="2026-01-10T19:00:00-05:00"))
     got = relay.run_pass()
-    times = flows_state.mapping_times(relay.db, FLOW)
+    times = relay.store.mapping_times(FLOW)
     assert set(times) == {"seg-a", "seg-b"}
 
     ups: dict[str, dict[str, Any]] = {
@@ -392,11 +410,11 @@ ODD_SEGMENTS = ["seg-a", "sé\"g/\\1", "z\t\u2603", "seg-\U0001f600"]
     [],
 ])
 @pytest.mark.parametrize(("names", "timestamps"), [(False, False), (True, True)])
-def test_export_encoder_gives_the_same_document_as_build_payload(
+def test_bodies_and_backfill_rows_for_odd_profiles(
         tmp_path: Path, attributes: list[str], names: bool, timestamps: bool) -> None:
-    """The export path (Encoder on raw rows) and the generic one (build_payload on loaded
-    profiles, used by replay and test-send) must agree on every profile."""
-    db = open_db(tmp_path / "relay.db")
+    """Odd segment ids, non-object attributes and profiles without segments render as the
+    seed's object, keys in its order; a backfill reads the same state it will send."""
+    store = open_store(tmp_path / "relay.db")
     lines = [
         frag("p-1", attrs={"person": {"name": {"firstName": "Zoë", "lastName": "D"},
                                       "birthDate": "1980"}, "tags": ["a", {"b": None}],
@@ -409,32 +427,39 @@ def test_export_encoder_gives_the_same_document_as_build_payload(
         frag("p-4", attrs={"personalEmail": {"address": "only@x"}, "person": {"gender": "f"}},
              segs={ODD_SEGMENTS[2]: "existing"}, lqt="2026-01-10T19:00:00-05:00"),
     ]
-    ingest_stream(db, io.BytesIO(b"".join(orjson.dumps(f) + b"\n" for f in lines)), "src",
+    ingest_stream(store, io.BytesIO(b"".join(orjson.dumps(f) + b"\n" for f in lines)), "src",
                   frozenset(ODD_SEGMENTS))
-    db.conn.execute("INSERT INTO profile_segments VALUES ('p-3', 'seg-a', 'existing', NULL)")
-    spec = PayloadSpec(
-        attribute_paths=tuple(tuple(p.split(".")) for p in attributes),
+    store.db.conn.execute("INSERT INTO profile_segments VALUES ('p-3', 'seg-a', 'existing', NULL)")
+    spec = BodySpec(
+        dataflow=FLOW, attribute_paths=tuple(tuple(p.split(".")) for p in attributes),
         include_names=names, include_timestamps=timestamps,
         catalogue={"seg-a": Segment(id="seg-a", name="A", createdAt=1, updatedAt=2),
                    ODD_SEGMENTS[1]: Segment(id=ODD_SEGMENTS[1], name="n\"ame\u00e9"),
                    ODD_SEGMENTS[2]: Segment(id=ODD_SEGMENTS[2], updatedAt=5)},
         mapping_times={"seg-a": (10, 20), ODD_SEGMENTS[3]: (30, 40)})
     pids = ["p-1", "p-2", "p-3", "p-4", "p-missing"]
-    encoder = Encoder(spec)
     mapped = ["seg-a", ODD_SEGMENTS[2]]
-    rows = flows_state.payload_rows(db, pids, encoder.segment_tails, mapped)
+    rows = store.backfill_rows(pids, mapped)
     assert [r[0] for r in rows] == pids[:4]
-    profiles = load_profiles(db, pids)
-    for pid, attrs, idmap, last_seq, ups, qualified in rows:
-        assert last_seq == profiles[pid].last_seq
-        assert sorted(qualified.split("\n") if qualified else []) == sorted(
-            s for s, (status, _) in profiles[pid].segments.items()
+    profiles = store.load_profiles(pids)
+    for pid, last_seq, qualified in rows:
+        profile = profiles[pid]
+        assert last_seq == profile.last_seq
+        assert (qualified.split("\n") if qualified else []) == sorted(
+            s for s, (status, _) in profile.segments.items()
             if s in mapped and status != "exited")
-        fast = encoder.body(attrs, idmap, ups)
-        assert orjson.loads(fast) == build_payload(profiles[pid], spec)
-        if attributes == ATTRIBUTES:  # keys in the same order too
-            assert fast == encode(build_payload(profiles[pid], spec))
-    db.conn.close()
+        body = orjson.loads(render(profile, spec))
+        assert body == document(profile, spec)
+        assert list(body)[-2:] == ["segmentMembership", "identityMap"]
+        assert list(body["segmentMembership"]["ups"]) == sorted(profile.segments)
+        assert body["identityMap"] == profile.identity_map
+        for seg, entry in body["segmentMembership"]["ups"].items():
+            assert entry["status"] == profile.segments[seg][0]
+            assert ("name" in entry) == (names and seg in ("seg-a", ODD_SEGMENTS[1]))
+            assert ("mappingCreatedAt" in entry) == (timestamps and seg in ("seg-a", ODD_SEGMENTS[3]))
+    assert orjson.loads(render(profiles["p-1"], spec)).get("tags") == (
+        ["a", {"b": None}] if "tags" in attributes else None)
+    store.close()
 
 
 # --- backfill ----------------------------------------------------------------------------
@@ -447,7 +472,7 @@ def test_new_dataflow_gets_earlier_profiles_through_backfill_exactly_once(tmp_pa
                  frag("p-x", segs={"seg-a": "realized"}), frag("p-x", segs={"seg-a": "exited"}),
                  frag("p-none", attrs={"person": {"name": {"firstName": "N"}}}),
                  frag("p-a", attrs={"person": {"name": {"firstName": "Johnny"}}}))
-    head = flows_state.max_seq(relay.db)
+    head = relay.store.head_seq()
     got = relay.run_pass()
     assert set(got) == {"p-a", "p-b", "p-ab"}
     assert {p.reason for p in relay.last} == {"backfill"}
@@ -455,7 +480,7 @@ def test_new_dataflow_gets_earlier_profiles_through_backfill_exactly_once(tmp_pa
     last_seq = dict(relay.db.conn.execute("SELECT profile_id, last_seq FROM profiles"))
     assert all(p.seq == last_seq[p.profile_id] for p in relay.last)
     assert relay.cursor() == head  # streaming starts after what the backfill covers
-    assert flows_state.open_backfills(relay.db, FLOW) == []
+    assert relay.store.open_backfills(FLOW) == []
     assert relay.run_pass() == {}  # and no streaming export of the same changes follows
     relay.ingest(frag("p-ab", attrs={"personalEmail": {"address": "ab@x.com"}}))
     assert set(relay.run_pass()) == {"p-ab"}
@@ -470,7 +495,7 @@ def test_newly_mapped_segment_is_backfilled_with_its_mapping_time(tmp_path: Path
                  frag("p-5", segs={"seg-c": "realized"}))
     assert set(relay.run_pass()) == {"p-1", "p-3"}
     streamed_key = {p.profile_id: p.idempotency_key for p in relay.last}["p-3"]
-    created_a = flows_state.mapping_times(relay.db, FLOW)["seg-a"][0]
+    created_a = relay.store.mapping_times(FLOW)["seg-a"][0]
     time.sleep(0.005)
 
     relay.configure(segments=["seg-a", "seg-b"], timestamps=True)
@@ -479,7 +504,7 @@ def test_newly_mapped_segment_is_backfilled_with_its_mapping_time(tmp_path: Path
     after = now_ms()
     assert set(got) == {"p-2", "p-3"}  # exactly the profiles qualified for seg-b
     assert {p.reason for p in relay.last} == {"backfill"}
-    times = flows_state.mapping_times(relay.db, FLOW)
+    times = relay.store.mapping_times(FLOW)
     assert before <= times["seg-b"][0] <= after
     assert times["seg-a"][0] == created_a
     assert got["p-2"]["segmentMembership"]["ups"]["seg-b"]["mappingCreatedAt"] == times["seg-b"][0]
@@ -501,13 +526,12 @@ def test_streaming_does_not_repeat_what_a_backfill_already_exported(tmp_path: Pa
     relay.ingest(frag("p-1", attrs={"person": {"name": {"firstName": "Jo"}}}))  # backlog
     relay.ingest(qualified("p-2"))                                              # backlog, seg-a
     relay.configure(segments=["seg-a", "seg-b"])
-    sync_mapping(relay.db, relay.config, relay.flow)
-    spec = relay.spec()
-    for job in flows_state.open_backfills(relay.db, FLOW):
-        run_backfill(relay.db, relay.flow, spec, job)
+    relay.sync()
+    for job in relay.store.open_backfills(FLOW):
+        pipeline.backfill(relay.store, relay.flow, job)
     backfilled = relay.take()
     assert set(backfilled) == {"p-1"}
-    while export_batch(relay.db, relay.flow, spec, limit=1) is not None:
+    while pipeline.decide_batch(relay.store, relay.flow, limit=1) is not None:
         pass
     assert set(relay.take()) == {"p-2"}
     relay.ingest(frag("p-1", attrs={"person": {"name": {"lastName": "X"}}}))
@@ -517,19 +541,19 @@ def test_streaming_does_not_repeat_what_a_backfill_already_exported(tmp_path: Pa
 def test_changing_the_attributes_bumps_mapping_updated_at_only(tmp_path: Path) -> None:
     relay = Relay(tmp_path)
     relay.run_pass()
-    first = flows_state.mapping_times(relay.db, FLOW)
+    first = relay.store.mapping_times(FLOW)
     assert all(created == updated for created, updated in first.values())
     time.sleep(0.005)
     relay.configure(attributes=[*ATTRIBUTES, "person.birthDate"])
     before = now_ms()
     relay.run_pass()
-    second = flows_state.mapping_times(relay.db, FLOW)
+    second = relay.store.mapping_times(FLOW)
     for seg, (created, updated) in second.items():
         assert created == first[seg][0]
         assert updated >= before > first[seg][1]
     relay.run_pass()  # the same mapping again: nothing moves
-    assert flows_state.mapping_times(relay.db, FLOW) == second
-    assert flows_state.open_backfills(relay.db, FLOW) == []
+    assert relay.store.mapping_times(FLOW) == second
+    assert relay.store.open_backfills(FLOW) == []
 
 
 def test_backfill_by_hand_for_one_segment(relay: Relay) -> None:
@@ -537,17 +561,17 @@ def test_backfill_by_hand_for_one_segment(relay: Relay) -> None:
                  frag("p-3", segs={"seg-a": "existing", "seg-b": "existing"}),
                  frag("p-4", segs={"seg-b": "exited"}), frag("p-5", segs={"seg-c": "realized"}))
     relay.run_pass()
-    job_id = flows_state.start_backfill(relay.db, FLOW, "seg-b", "by hand")
-    (job,) = flows_state.open_backfills(relay.db, FLOW)
+    job_id = relay.store.start_backfill(FLOW, "seg-b", "by hand")
+    (job,) = relay.store.open_backfills(FLOW)
     assert (job.id, job.segment_id) == (job_id, "seg-b")
-    assert run_backfill(relay.db, relay.flow, relay.spec(), job) == 2
-    assert flows_state.open_backfills(relay.db, FLOW) == []
+    assert pipeline.backfill(relay.store, relay.flow, job) == 2
+    assert relay.store.open_backfills(FLOW) == []
     keys = {p.profile_id: p.idempotency_key for p in relay.pending()}
     assert set(relay.take()) == {"p-2", "p-3"}
     # the same state backfilled again carries the same idempotency keys
-    flows_state.start_backfill(relay.db, FLOW, "seg-b", "by hand")
-    (job,) = flows_state.open_backfills(relay.db, FLOW)
-    run_backfill(relay.db, relay.flow, relay.spec(), job)
+    relay.store.start_backfill(FLOW, "seg-b", "by hand")
+    (job,) = relay.store.open_backfills(FLOW)
+    pipeline.backfill(relay.store, relay.flow, job)
     assert {p.profile_id: p.idempotency_key for p in relay.pending()} == keys
 
 
@@ -556,9 +580,8 @@ def test_interrupted_backfill_resumes_where_it_stopped(tmp_path: Path) -> None:
     members = [f"p-{i:02d}" for i in range(35)]
     relay.ingest(*(qualified(p, seg="seg-a" if i % 2 else "seg-b") for i, p in enumerate(members)),
                  frag("out-1", segs={"seg-c": "realized"}))
-    sync_mapping(relay.db, relay.config, relay.flow)
-    spec = relay.spec()
-    (job,) = flows_state.open_backfills(relay.db, FLOW)
+    relay.sync()
+    (job,) = relay.store.open_backfills(FLOW)
     assert job.segment_id is None
 
     calls: list[tuple[int, int]] = []
@@ -568,22 +591,22 @@ def test_interrupted_backfill_resumes_where_it_stopped(tmp_path: Path) -> None:
         raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
-        run_backfill(relay.db, relay.flow, spec, job, chunk=10, on_progress=crash)
+        pipeline.backfill(relay.store, relay.flow, job, chunk=10, on_progress=crash)
     assert calls == [(10, 35)]
     first = relay.take()
     assert set(first) == set(members[:10])
-    (job,) = flows_state.open_backfills(relay.db, FLOW)
+    (job,) = relay.store.open_backfills(FLOW)
     assert (job.done, job.after_profile, job.total) == (10, members[9], 35)
 
     progress: list[tuple[int, int]] = []
-    assert run_backfill(relay.db, relay.flow, spec, job, chunk=10,
+    assert pipeline.backfill(relay.store, relay.flow, job, chunk=10,
                         on_progress=lambda d, t: progress.append((d, t))) == 25
     assert progress == [(20, 35), (30, 35), (35, 35)]
     rest = relay.pending()
     assert sorted(p.profile_id for p in rest) == members[10:]
     assert len({p.idempotency_key for p in rest}) == 25
     relay.take()
-    assert flows_state.open_backfills(relay.db, FLOW) == []
+    assert relay.store.open_backfills(FLOW) == []
     assert relay.run_pass() == {}
 
 
@@ -612,7 +635,7 @@ def test_crash_between_detection_and_outbox_write(relay: Relay,
     got = relay.run_pass()
     assert set(got) == {"p-1", "p-2"}
     assert len(relay.last) == 2
-    assert relay.cursor() == flows_state.max_seq(relay.db)
+    assert relay.cursor() == relay.store.head_seq()
     assert relay.run_pass() == {}
 
 
@@ -631,26 +654,24 @@ def test_crash_during_a_backfill_chunk_loses_nothing(tmp_path: Path,
         real(*args, **kwargs)
 
     monkeypatch.setattr(flows_state, "queue_exports", crash_second)
-    sync_mapping(relay.db, relay.config, relay.flow)
-    (job,) = flows_state.open_backfills(relay.db, FLOW)
+    relay.sync()
+    (job,) = relay.store.open_backfills(FLOW)
     with pytest.raises(OSError):
-        run_backfill(relay.db, relay.flow, relay.spec(), job, chunk=5)
+        pipeline.backfill(relay.store, relay.flow, job, chunk=5)
     assert set(relay.take()) == set(members[:5])
-    (job,) = flows_state.open_backfills(relay.db, FLOW)
-    run_backfill(relay.db, relay.flow, relay.spec(), job, chunk=5)
+    (job,) = relay.store.open_backfills(FLOW)
+    pipeline.backfill(relay.store, relay.flow, job, chunk=5)
     assert set(relay.take()) == set(members[5:])
 
 
 def test_stale_cursor_raises_cursor_moved_and_writes_nothing(relay: Relay) -> None:
     relay.ingest(qualified("p-1"), qualified("p-2"))
     stale = relay.cursor()
-    spec = relay.spec()
-    assert export_batch(relay.db, relay.flow, spec) is not None  # decider A wins
+    assert pipeline.decide_batch(relay.store, relay.flow) is not None  # decider A wins
     done = relay.pending()
     assert len(done) == 2
     head = relay.cursor()
-    late = Export("p-1", head, "attribute", now_ms(),
-                  idempotency_key(FLOW, "p-1", head, b'{"late":true}'), b'{"late":true}', "seg-a")
+    late = Export("p-1", head, "attribute", now_ms(), "seg-a")
     with pytest.raises(CursorMoved):  # decider B read the same batch
         flows_state.queue_exports(relay.db, FLOW, [late], [("p-2", "")],
                                   cursor_from=stale, cursor_to=head)
@@ -665,7 +686,7 @@ def test_export_batch_losing_the_race_queues_nothing(relay: Relay,
     """Decider B reads the batch; decider A (another connection) decides and queues the same
     batch before B writes. B must raise CursorMoved and queue nothing."""
     relay.ingest(qualified("p-1"), qualified("p-2", seg="seg-b"))
-    other = open_db(relay.base / "relay.db")
+    other = open_store(relay.base / "relay.db")
     real = flows_state.read_changes
     raced: list[int] = []
 
@@ -673,27 +694,30 @@ def test_export_batch_losing_the_race_queues_nothing(relay: Relay,
         rows = real(db, after, limit)
         if not raced:
             raced.append(1)
-            assert export_batch(other, relay.flow, relay.spec()) is not None  # decider A
+            assert pipeline.decide_batch(other, relay.flow) is not None  # decider A
         return rows
 
     monkeypatch.setattr(flows_state, "read_changes", read_then_lose_the_race)
     with pytest.raises(CursorMoved):
-        export_batch(relay.db, relay.flow, relay.spec())  # decider B
+        pipeline.decide_batch(relay.store, relay.flow)  # decider B
     won = relay.pending()
     assert sorted(p.profile_id for p in won) == ["p-1", "p-2"]
-    assert relay.cursor() == flows_state.max_seq(relay.db)
-    assert export_batch(relay.db, relay.flow, relay.spec()) is None
+    assert relay.cursor() == relay.store.head_seq()
+    assert pipeline.decide_batch(relay.store, relay.flow) is None
     assert relay.pending() == won
-    other.conn.close()
+    other.close()
 
 
-def test_idempotency_keys_are_stable_per_export() -> None:
-    body = b'{"a":1}'
-    key = idempotency_key(FLOW, "p-1", 7, body)
-    assert key == idempotency_key(FLOW, "p-1", 7, body)
-    others = {idempotency_key(FLOW, "p-1", 8, body), idempotency_key(FLOW, "p-2", 7, body),
-              idempotency_key("other", "p-1", 7, body), idempotency_key(FLOW, "p-17", 0, body),
-              idempotency_key(FLOW + "\0p-1", "", 7, body),
-              idempotency_key(FLOW, "p-1", 7, b'{"a":2}')}  # same state, other content
+def test_idempotency_keys_identify_the_state_sent() -> None:
+    def spec(dataflow: str = FLOW, times: tuple[int, int] = (1, 2)) -> BodySpec:
+        return BodySpec(dataflow=dataflow, attribute_paths=(("a",),), include_names=False,
+                        include_timestamps=True, catalogue={}, mapping_times={"seg-a": times})
+
+    key = idempotency_key(spec(), "p-1", 7)
+    assert key == idempotency_key(spec(), "p-1", 7)  # the same state: the same key
+    others = {idempotency_key(spec(), "p-1", 8), idempotency_key(spec(), "p-2", 7),
+              idempotency_key(spec("other"), "p-1", 7), idempotency_key(spec(), "p-17", 0),
+              idempotency_key(spec(FLOW + "\0p-1"), "", 7),
+              idempotency_key(spec(times=(1, 3)), "p-1", 7)}  # same state, other content
     assert key not in others and len(others) == 6
     assert [len(part) for part in key.split("-")] == [8, 4, 4, 4, 12]

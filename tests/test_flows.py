@@ -10,8 +10,8 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.backfill import backfill_flow
 from flows.replay import replay_flow
 from flows.stream import stream_flow
-from state.stats import dataflow_stats
-from tasks.dispatch import dispatch_task
+from tasks.flow_tasks import dispatch
+from tasks.pipeline import PassResult
 from tests.relay_fixtures import FLOW, decide, fragment, ingest, store
 
 pytestmark = pytest.mark.prefect
@@ -29,14 +29,17 @@ async def test_dispatch_task_retries_until_delivered(tmp_path, endpoint):
     decide(db, config)
     endpoint.fail(2, 503)
 
-    @flow
-    async def run() -> dict:
-        return await dispatch_task(db, FLOW, config.destination("crm"))
+    totals = PassResult()
 
-    result = await run()
-    assert result["delivered"] == 1  # the third task run delivered it
+    @flow
+    async def run() -> None:
+        await dispatch(db, config, config.dataflow(FLOW), totals)
+
+    await run()
+    assert totals.delivery.delivered == 1  # the third task run (the second retry) delivered it
+    assert totals.delivery.retrying == 2
     assert len(endpoint.requests) == 3
-    assert db.execute("SELECT attempts FROM deliveries").fetchone()[0] == 3
+    assert db.db.execute("SELECT attempts FROM deliveries").fetchone()[0] == 3
 
 
 async def test_dispatch_task_gives_up_into_the_failed_store(tmp_path, endpoint):
@@ -46,12 +49,12 @@ async def test_dispatch_task_gives_up_into_the_failed_store(tmp_path, endpoint):
     endpoint.always(502)
 
     @flow
-    async def run() -> dict:
-        return await dispatch_task(db, FLOW, config.destination("crm"))
+    async def run() -> None:
+        await dispatch(db, config, config.dataflow(FLOW), PassResult())
 
     await run()
     assert len(endpoint.requests) == 3
-    row = db.execute("SELECT attempts, last_status FROM failed_requests").fetchone()
+    row = db.db.execute("SELECT attempts, last_status FROM failed_requests").fetchone()
     assert tuple(row) == (3, 502)
 
 
@@ -65,12 +68,13 @@ async def test_stream_once_backfills_streams_and_reports(tmp_path, endpoint):
     assert sorted(r.headers["Idempotency-Key"] for r in endpoint.requests) == sorted(
         {r.headers["Idempotency-Key"] for r in endpoint.requests})
     assert len(endpoint.requests) == 2
-    stats = dataflow_stats(db, FLOW)
+    stats = db.stats(FLOW)
     assert (stats.delivered, stats.pending, stats.failed, stats.lag_changes) == (2, 0, 0, 0)
     assert stats.latency_p95_ms is not None and stats.latency_p95_ms >= stats.latency_p50_ms
     # an empty poll makes no export and sends nothing
     totals = await stream_flow(config_path, once=True)
-    assert totals[FLOW] == {"changes": 0, "exports": 0, "backfilled": 0}
+    assert totals[FLOW] == {"changes": 0, "exports": 0, "backfilled": 0, "delivered": 0,
+                            "retrying": 0, "failed": 0}
     assert len(endpoint.requests) == 2
 
 
@@ -81,7 +85,7 @@ async def test_backfill_by_hand_and_replay(tmp_path, endpoint):
     decide(db, config)
     endpoint.always(500)
     await stream_flow(config_path, once=True)
-    assert db.execute("SELECT count(*) FROM failed_requests").fetchone()[0] == 2
+    assert db.db.execute("SELECT count(*) FROM failed_requests").fetchone()[0] == 2
     endpoint.reset()
     result = await replay_flow(config_path, FLOW)
     assert result == {"resent": 2, "superseded": 0}

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from state.db import open_db, shard_of
+from state import open_store
+from state.db import shard_of
 from state.model import Fragment, deep_merge, leaf_paths
-from state.profiles import apply_fragments, load_profiles, profile_count
 from tasks.fragments import MAX_DEPTH, MAX_LINE_BYTES, FragmentError, parse_fragment
 from tasks.ingest import IngestResult, Rejection, ingest_files, ingest_stream
 
@@ -32,9 +32,9 @@ T0 = "2026-01-11T21:24:39Z"
 
 @pytest.fixture
 def db(tmp_path: Path):
-    database = open_db(tmp_path / "store.db")
+    database = open_store(tmp_path / "store.db")
     yield database
-    database.conn.close()
+    database.close()
 
 
 def to_lines(items: Iterable[Any]) -> bytes:
@@ -58,11 +58,11 @@ def frag(pid: str = "p-1", ts: str | None = T0, **fields: Any) -> dict[str, Any]
 
 
 def attrs_of(db, pid: str) -> dict[str, Any]:
-    return load_profiles(db, [pid])[pid].attributes
+    return db.load_profiles([pid])[pid].attributes
 
 
 def changes(db) -> list[dict[str, Any]]:
-    cur = db.conn.execute("SELECT * FROM changes ORDER BY seq")
+    cur = db.db.conn.execute("SELECT * FROM changes ORDER BY seq")
     names = [c[0] for c in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur]
 
@@ -97,7 +97,7 @@ def test_null_leaf_removes_and_prunes_empty_parents(db) -> None:
     assert attrs_of(db, "p-1") == {"x": 1}  # person.name and person pruned
     ingest(db, [frag(attributes={"x": None, "never": None, "deep": {"er": None}})])
     assert attrs_of(db, "p-1") == {}
-    assert profile_count(db) == 1  # an empty profile still exists
+    assert db.profile_count() == 1  # an empty profile still exists
 
 
 def test_null_on_a_subtree_removes_it_whole(db) -> None:
@@ -144,7 +144,7 @@ def test_identities_are_added_and_deduplicated(db) -> None:
         frag(identityMap={"ecid": [{"id": "e1"}], "email": [{"id": "a@x.com"}]}),
         frag(identityMap={"crm": [{"id": "c9"}], "empty": []}),
     ])
-    profile = load_profiles(db, ["p-1"])["p-1"]
+    profile = db.load_profiles(["p-1"])["p-1"]
     assert profile.identity_map == {
         "ecid": [{"id": "e1"}, {"id": "e2"}],
         "email": [{"id": "a@x.com", "primary": True}],
@@ -170,7 +170,7 @@ def test_segment_status_is_set_and_latest_wins(db) -> None:
         frag(ts="2026-01-11T12:00:00Z", segmentMembership={"ups": {"seg-b": {"status": "exited"}}}),
         frag(ts="2026-01-11T13:00:00Z", attributes={"x": 1}),
     ])
-    assert load_profiles(db, ["p-1"])["p-1"].segments == {
+    assert db.load_profiles(["p-1"])["p-1"].segments == {
         "seg-a": ("existing", "2026-01-11T10:30:00Z"),
         "seg-b": ("exited", "2026-01-11T12:00:00Z"),
     }
@@ -189,7 +189,7 @@ def test_qualification_time_defaults_to_fragment_time_and_is_utc(db) -> None:
             "seg-a": {"status": "existing", "lastQualificationTime": "2026-01-10T19:00:00-05:00"},
             "seg-b": {"status": "exited", "lastQualificationTime": None}}}),
     ])
-    got = load_profiles(db, ["p-1", "p-2", "p-3"])
+    got = db.load_profiles(["p-1", "p-2", "p-3"])
     assert got["p-1"].segments == {"seg-a": ("realized", "2026-01-11T21:24:39Z")}
     assert got["p-2"].segments == {"seg-a": ("realized", "2026-01-11T21:24:39Z")}
     assert got["p-3"].segments == {"seg-a": ("existing", "2026-01-11T00:00:00Z"),
@@ -208,7 +208,7 @@ def test_missing_timestamp_is_the_time_of_ingest(db) -> None:
     for row in rows:
         assert before <= row["ts"] <= after
         assert before <= row["committed_at"] <= after
-    lqt = load_profiles(db, ["p-1"])["p-1"].segments["seg-c"][1]
+    lqt = db.load_profiles(["p-1"])["p-1"].segments["seg-c"][1]
     assert lqt.endswith("Z")
     assert before // 1000 - 1 <= iso_ms(lqt) // 1000 <= after // 1000
 
@@ -231,17 +231,17 @@ def test_change_log_row_per_fragment(db) -> None:
     assert [r["ts"] for r in rows] == [iso_ms("2026-01-11T21:24:39+00:00")] * 4
     seqs = [r["seq"] for r in rows]
     assert seqs == sorted(seqs) and len(set(seqs)) == 4
-    profiles = {pid: (last, created, updated) for pid, last, created, updated in db.conn.execute(
+    profiles = {pid: (last, created, updated) for pid, last, created, updated in db.db.conn.execute(
         "SELECT profile_id, last_seq, created_at, updated_at FROM profiles")}
     assert profiles["p-1"][0] == seqs[3] and profiles["p-2"][0] == seqs[2]
 
 
 def test_profile_row_keeps_created_at_and_moves_last_seq(db) -> None:
     r1 = ingest(db, [frag(attributes={"a": 1})])
-    created = db.conn.execute("SELECT created_at FROM profiles").fetchone()[0]
+    created = db.db.conn.execute("SELECT created_at FROM profiles").fetchone()[0]
     time.sleep(0.01)
     r2 = ingest(db, [frag(attributes={"a": 2})])
-    last, created2, updated = db.conn.execute(
+    last, created2, updated = db.db.conn.execute(
         "SELECT last_seq, created_at, updated_at FROM profiles").fetchone()
     assert created2 == created and updated > created
     assert r1.last_seq < r2.last_seq == last
@@ -261,7 +261,7 @@ def test_fragments_apply_in_ingest_order_within_and_across_batches(db) -> None:
     rows = changes(db)
     assert [r["profile_id"] for r in rows] == [f"p-{i % 3}" for i in range(n)]
     assert [r["attr_paths"] for r in rows] == [f"n\nk{i}" for i in range(n)]
-    got = load_profiles(db, ["p-0", "p-1", "p-2"])
+    got = db.load_profiles(["p-0", "p-1", "p-2"])
     for p in range(3):
         last = max(i for i in range(n) if i % 3 == p)
         assert got[f"p-{p}"].attributes["n"] == last
@@ -325,7 +325,7 @@ def test_bad_line_is_rejected_with_reason_and_neighbours_kept(db, line, reason) 
     assert (rej.source, rej.line) == ("input.ndjson", 2)
     assert reason in rej.reason
     assert str(rej).startswith("input.ndjson:2: ")
-    assert sorted(load_profiles(db, ["before", "after", "p"])) == ["after", "before"]
+    assert sorted(db.load_profiles(["before", "after", "p"])) == ["after", "before"]
 
 
 def test_too_long_profile_id_is_rejected(db) -> None:
@@ -354,7 +354,7 @@ def test_nesting_limit(db) -> None:
     assert result.ingested == 2
     assert [(r.line, "nested deeper than 32" in r.reason) for r in result.rejections] == [
         (2, True), (3, True), (4, True)]
-    assert sorted(load_profiles(db, ["ok", "ok-list", "too-deep", "deep-list"])) == ["ok", "ok-list"]
+    assert sorted(db.load_profiles(["ok", "ok-list", "too-deep", "deep-list"])) == ["ok", "ok-list"]
 
 
 def test_line_over_the_size_limit(db, tmp_path: Path) -> None:
@@ -370,7 +370,7 @@ def test_line_over_the_size_limit(db, tmp_path: Path) -> None:
     assert f"line is {len(big) + 1} bytes" in result.rejections[0].reason
     assert f"line is {3 * MAX_LINE_BYTES + 1} bytes" in result.rejections[1].reason
     assert "byte limit" in result.rejections[1].reason
-    assert sorted(load_profiles(db, ["a", "b", "big", "edge"])) == ["a", "b", "edge"]
+    assert sorted(db.load_profiles(["a", "b", "big", "edge"])) == ["a", "b", "edge"]
 
 
 def test_many_rejections_in_one_file(db, tmp_path: Path) -> None:
@@ -441,7 +441,7 @@ def test_empty_input(db) -> None:
 @pytest.mark.parametrize("table", ["changes", "profiles", "profile_segments"])
 def test_a_failing_batch_leaves_no_rows(db, table: str) -> None:
     key = "profile_id"
-    db.conn.execute(
+    db.db.conn.execute(
         f"CREATE TRIGGER poison BEFORE INSERT ON {table} WHEN NEW.{key} = 'poison' "
         "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END")
     seg = {"segmentMembership": {"ups": {"seg-a": {"status": "realized"}}}}
@@ -452,7 +452,7 @@ def test_a_failing_batch_leaves_no_rows(db, table: str) -> None:
     with pytest.raises(sqlite3.IntegrityError, match="poisoned row"):
         ingest(db, items, batch_lines=3)
     assert gc.isenabled()  # the collector, paused per batch, is back on
-    conn = db.conn
+    conn = db.db.conn
     assert not conn.in_transaction
     # batches 1 and 2 (lines 1 to 6) are in; nothing of batch 3
     assert {r[0] for r in conn.execute("SELECT profile_id FROM profiles")} == {
@@ -460,7 +460,7 @@ def test_a_failing_batch_leaves_no_rows(db, table: str) -> None:
     assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] == 6
     assert conn.execute("SELECT count(*) FROM profile_segments").fetchone()[0] == 6
     assert attrs_of(db, "ok-0") == {"i": 0}
-    assert load_profiles(db, ["ok-0"])["ok-0"].identity_map == {}
+    assert db.load_profiles(["ok-0"])["ok-0"].identity_map == {}
     # the store is still usable and the change log stays contiguous after the failure
     conn.execute("DROP TRIGGER poison")
     result = ingest(db, items[6:], batch_lines=3)
@@ -574,17 +574,17 @@ def test_large_round_trip_matches_a_model(tmp_path: Path) -> None:
                 doc["segmentMembership"] = {"ups": ups}
             out.write(orjson.dumps(doc) + b"\n")
 
-    db = open_db(tmp_path / "round.db")
+    db = open_store(tmp_path / "round.db")
     try:
         result = ingest_files(db, [str(path)], CAT)
         assert (result.ingested, result.rejected) == (n_frags, 0)
-        conn = db.conn
+        conn = db.db.conn
         assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] == n_frags
         assert conn.execute("SELECT sum(identity_added) FROM changes").fetchone()[0] == model_added
-        assert profile_count(db) == len(model_attrs)
+        assert db.profile_count() == len(model_attrs)
         sample = sorted(model_attrs)
         sample = sample[:50] + rng.sample(sample, 200) + sample[-50:]
-        stored = load_profiles(db, sample)
+        stored = db.load_profiles(sample)
         for pid in sample:
             assert stored[pid].attributes == _nest(model_attrs[pid]), pid
             assert {ns: [e["id"] for e in v] for ns, v in stored[pid].identity_map.items()} == {
@@ -594,7 +594,7 @@ def test_large_round_trip_matches_a_model(tmp_path: Path) -> None:
         for pid, last in conn.execute("SELECT profile_id, last_seq FROM profiles"):
             assert last_seqs[pid] == last
     finally:
-        db.conn.close()
+        db.close()
 
 
 # --- pure functions ------------------------------------------------------------------------
@@ -613,13 +613,13 @@ def test_leaf_paths_and_deep_merge_units() -> None:
 
 def test_apply_fragments_with_hand_made_fragments(db) -> None:
     """Fragments not made by parse_fragment (no precomputed paths) log the same paths."""
-    seq = apply_fragments(db, [Fragment("h-1", 7, attributes={"a": {"b": 1, "c": None}}),
+    seq = db.append_changes([Fragment("h-1", 7, attributes={"a": {"b": 1, "c": None}}),
                                Fragment("h-1", 8, segments={"seg-a": ("realized", T0)})])
     rows = changes(db)
     assert [r["attr_paths"] for r in rows] == ["a.b\na.c", None]
     assert seq == rows[-1]["seq"]
     assert attrs_of(db, "h-1") == {"a": {"b": 1}}
-    assert apply_fragments(db, []) == 0
+    assert db.append_changes([]) == 0
 
 
 def test_parsed_paths_match_leaf_paths() -> None:
@@ -714,9 +714,9 @@ _garbage = st.one_of(
 
 @pytest.fixture(scope="module")
 def shared_db(tmp_path_factory: pytest.TempPathFactory):
-    database = open_db(tmp_path_factory.mktemp("prop") / "prop.db")
+    database = open_store(tmp_path_factory.mktemp("prop") / "prop.db")
     yield database
-    database.conn.close()
+    database.close()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -733,7 +733,7 @@ def test_ingest_keeps_every_valid_line_among_garbage(shared_db, rows, batch_line
         else:
             lines.append(junk)
             bad_numbers.append(len(lines))
-    conn = shared_db.conn
+    conn = shared_db.db.conn
     before = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
     result = ingest_stream(shared_db, io.BytesIO(b"\n".join(lines)), "prop", CAT,
                            batch_lines=batch_lines)
@@ -752,7 +752,7 @@ def test_a_trickling_pipe_is_committed_without_waiting_for_a_full_batch(tmp_path
 
     from tasks.ingest import ingest_stream
 
-    db = open_db(tmp_path / "relay.db")
+    db = open_store(tmp_path / "relay.db")
     read_fd, write_fd = os.pipe()
     reader = os.fdopen(read_fd, "rb")
     done = threading.Thread(target=ingest_stream, args=(db, reader, "<pipe>", frozenset()),
@@ -761,7 +761,7 @@ def test_a_trickling_pipe_is_committed_without_waiting_for_a_full_batch(tmp_path
     os.write(write_fd, b'{"profileId": "p-1"}\n{"profileId": "p-2"}\n')
     seen = 0
     for _ in range(200):  # up to 10 s
-        seen = open_db(tmp_path / "relay.db").conn.execute(
+        seen = open_store(tmp_path / "relay.db").db.conn.execute(
             "SELECT count(*) FROM changes").fetchone()[0]
         if seen == 2:
             break
@@ -771,4 +771,4 @@ def test_a_trickling_pipe_is_committed_without_waiting_for_a_full_batch(tmp_path
     os.close(write_fd)
     done.join(10)
     assert not done.is_alive()
-    assert db.conn.execute("SELECT count(*) FROM changes").fetchone()[0] == 3
+    assert db.db.conn.execute("SELECT count(*) FROM changes").fetchone()[0] == 3

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.receiver import Receiver
 from config import load_config
-from state.db import open_db
+from state import open_store
 from tasks.ingest import ingest_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,18 +120,18 @@ def test_prefect_yaml_holds_no_secrets() -> None:
 
 def test_bundled_examples_match_the_top_level_copies() -> None:
     for name in ("config.yaml", "profiles.ndjson"):
-        assert filecmp.cmp(ROOT / "examples" / name, ROOT / "flows" / "examples" / name,
-                           shallow=False), f"examples/{name} and flows/examples/{name} differ"
+        assert filecmp.cmp(ROOT / "examples" / name, ROOT / "app" / "examples" / name,
+                           shallow=False), f"examples/{name} and app/examples/{name} differ"
 
 
 def test_example_profiles_ingest_cleanly(tmp_path: Path) -> None:
     config = load_config(ROOT / "examples" / "config.yaml")
-    db = open_db(tmp_path / "relay.db")
+    db = open_store(tmp_path / "relay.db")
     try:
         result = ingest_files(db, [str(ROOT / "examples" / "profiles.ndjson")],
                               frozenset(s.id for s in config.segments))
     finally:
-        db.conn.close()
+        db.close()
     assert (result.ingested, result.rejected) == (50, 0)
 
 

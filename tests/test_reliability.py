@@ -109,15 +109,15 @@ def register(config: Path) -> None:
     """Create the dataflow on the empty store, as a first stream run would, so every
     fragment ingested afterwards is streamed (none backfilled)."""
     from config import load_config
-    from state.db import open_db
+    from state import open_store
     from tests.relay_fixtures import decide
 
     cfg = load_config(config)
-    db = open_db(cfg.state_path)
+    db = open_store(cfg.state_path)
     try:
         decide(db, cfg)
     finally:
-        db.conn.close()
+        db.close()
 
 
 @contextmanager

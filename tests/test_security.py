@@ -73,13 +73,13 @@ async def test_no_secret_anywhere_after_runs(kind, tmp_path, endpoint, token_ser
     token_server.fail(20, 500)
     ingest(db, config, fragment("p-2", "C"))
     await stream_flow(config_path, once=True)
-    failed = list(db.query("SELECT * FROM failed_requests"))
+    failed = list(db.db.query("SELECT * FROM failed_requests"))
     # a bearer token needs no token server, so its third change is delivered
     assert len(failed) == (1 if kind == "bearer" else 2)
     assert all(r["last_error"] for r in failed)
     await replay_flow(config_path, FLOW)
 
-    db.conn.execute("PRAGMA wal_checkpoint(FULL)")
+    db.db.conn.execute("PRAGMA wal_checkpoint(FULL)")
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("relay.db*"))
     texts = {"logs": caplog.text, "artifacts": await _artifact_text(),
              "failed store": repr(failed)}

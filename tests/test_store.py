@@ -25,11 +25,12 @@ def test_old_database_is_migrated_with_its_data(tmp_path):
                                 "'profile_segments_by_segment'").fetchone()[0]
     assert "status" not in index_sql
     assert db.conn.execute("SELECT status FROM profile_segments").fetchone()[0] == "realized"
-    # the outbox moved to a rowid table with its waiting export intact
-    assert db.conn.execute("SELECT profile_id, seq, body, attempts FROM outbox").fetchall() == [
-        ("p-1", 7, b"{}", 0)]
+    # the outbox moved to a rowid table of references with its waiting export intact
+    assert db.conn.execute("SELECT profile_id, seq, reason, attempts FROM outbox").fetchall() == [
+        ("p-1", 7, "attribute", 0)]
     outbox_sql = db.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'outbox'").fetchone()[0]
     assert "WITHOUT ROWID" not in outbox_sql and "UNIQUE (dataflow, profile_id)" in outbox_sql
+    assert "body" not in outbox_sql and "idempotency_key" not in outbox_sql
 
 
 def test_reopening_is_a_no_op(tmp_path):
