@@ -39,15 +39,3 @@ def test_reopening_is_a_no_op(tmp_path):
     versions = [v for (v,) in db.conn.execute("SELECT version FROM schema_version ORDER BY version")]
     assert versions == list(range(1, len(MIGRATIONS) + 1))
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-
-
-def test_delivery_log_is_pruned_by_age(tmp_path):
-    from state.outbox import prune_deliveries
-
-    db = open_db(tmp_path / "relay.db")
-    db.conn.executemany(
-        "INSERT INTO deliveries (dataflow, profile_id, seq, idempotency_key, status, attempts, "
-        "latency_ms, delivered_at) VALUES ('f', ?, 1, 'k', 200, 1, 5, ?)",
-        [("old", 1_000), ("new", 9_000)])
-    assert prune_deliveries(db, 5_000) == 1
-    assert [p for (p,) in db.conn.execute("SELECT profile_id FROM deliveries")] == ["new"]
