@@ -62,7 +62,9 @@ def _resolve_secret(value: Any) -> Any:
         try:
             from prefect.blocks.system import Secret
 
-            return str(Secret.load(name).get())
+            # _sync: a config is loaded inside async flows too, where load() would
+            # otherwise hand back a coroutine
+            return str(Secret.load(name, _sync=True).get())
         except Exception as exc:  # the block API's errors vary; name the block, not a value
             raise ValueError(f"Prefect Secret block {name!r} could not be loaded "
                              f"({type(exc).__name__})") from None

@@ -3,33 +3,47 @@ each profile's state at send time."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
+from prefect.states import Completed, Failed, State
 
 from config import load_config
 from state import open_store
 from tasks.flow_tasks import dispatch, requeue_task
 from tasks.pipeline import PassResult
-from tasks.report import artifact_key
+from tasks.report import artifact_key, report_failures
 
 
-@flow(name="profile-relay-replay")
-async def replay_flow(config_path: str, dataflow: str) -> dict[str, Any]:
-    """Re-send each failed profile with its current state, unless superseded."""
+@flow(name="profile-relay-replay", flow_run_name="replay {dataflow}", timeout_seconds=3600)
+async def replay_flow(config_path: str, dataflow: str) -> State:
+    """Re-send each failed profile with its current state, unless superseded.
+
+    Args:
+        config_path: the profile-relay YAML config.
+        dataflow: the dataflow whose failed-request store is replayed.
+    """
     config = load_config(config_path)
     store = open_store(config.state_path)
     flow_ = config.dataflow(dataflow)
+    logger = get_run_logger()
     plan = requeue_task(store, flow_)
-    get_run_logger().info("%s: replaying %d, superseded %d", dataflow, len(plan.resent),
-                          len(plan.superseded))
-    await dispatch(store, config, flow_, PassResult(), settle=True)
-    rows = [{"profile": e.profile_id, "action": action, "previous status": e.last_status,
-             "previous error": e.last_error or ""}
-            for action, entries in (("re-sent", plan.resent), ("superseded", plan.superseded))
-            for e in entries]
-    await acreate_table_artifact(key=artifact_key("replay", dataflow), table=rows[:1000],
+    logger.info("%s: replaying %d, superseded %d", dataflow, len(plan.resent),
+                len(plan.superseded))
+    totals = PassResult()
+    await dispatch(store, config, flow_, totals, settle=True)
+    still_failed = {e.profile_id for e in store.open_failures(dataflow)}
+    rows = [{"profile": e.profile_id, "action": "re-sent",
+             "outcome": "failed again" if e.profile_id in still_failed else "delivered",
+             "previous status": e.last_status, "previous error": e.last_error or ""}
+            for e in plan.resent]
+    rows += [{"profile": e.profile_id, "action": "superseded",
+              "outcome": "a newer state was sent or is queued", "previous status": e.last_status,
+              "previous error": e.last_error or ""} for e in plan.superseded]
+    await acreate_table_artifact(key=artifact_key("replay", config, dataflow), table=rows[:1000],
                                  description=f"replay of {dataflow}: {len(plan.resent)} re-sent, "
                                              f"{len(plan.superseded)} superseded")
-    return {"resent": len(plan.resent), "superseded": len(plan.superseded)}
+    result = {"resent": len(plan.resent), "superseded": len(plan.superseded),
+              **totals.counts()}
+    if message := report_failures(logger, config, {dataflow: totals}):
+        return Failed(message=message, data=result)
+    return Completed(message=f"replayed {len(plan.resent)}", data=result)

@@ -1,49 +1,109 @@
 """The stream flow: one long async flow run that polls every ``interval`` seconds and runs
-a pipeline pass (as a dispatch task) for each dataflow with work, then ends itself after
-``run_seconds`` so a schedule starts the next run. Empty polls make no task run."""
+a pipeline pass (one dispatch task run) for each dataflow with work, then ends itself after
+``run_seconds`` so the deployment's schedule starts the next run. Empty polls make no task
+run. A run owns its dataflows through a lease in the store: a second run started while
+the first is alive waits for it to end (a schedule's hand-over), or gives up after
+``TAKEOVER_WAIT_SECONDS`` without doing anything."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+import uuid
 
-from prefect import flow
+from prefect import flow, get_run_logger, runtime
+from prefect.states import Completed, Failed, State
 
 from config import load_config
-from state import open_store
+from state import Store, open_store
 from state.db import now_ms
 from tasks import pipeline
 from tasks.flow_tasks import dispatch
 from tasks.pipeline import PassResult
-from tasks.report import publish_stream_summary
+from tasks.report import publish_stream_summary, report_failures
 
 SUMMARY_EVERY_SECONDS = 60.0
 DELIVERY_LOG_KEEP_MS = 7 * 24 * 3_600_000  # status reads the last hour; keep a week
+TAKEOVER_WAIT_SECONDS = 90.0
+LEASE_GROUP = 0  # one process streams a dataflow on one machine: a single shard group
 
 
-@flow(name="profile-relay-stream", log_prints=False)
+def _run_name() -> str:
+    params = runtime.flow_run.parameters
+    what = params.get("dataflow") or "all dataflows"
+    how = "once" if params.get("once") else f"{params.get('run_seconds', 3600):g} s"
+    return f"stream {what} {time.strftime('%H:%M:%S', time.gmtime())}Z ({how})"
+
+
+@flow(name="profile-relay-stream", flow_run_name=_run_name, log_prints=False)
 async def stream_flow(config_path: str, dataflow: str | None = None, interval: float = 2.0,
-                      once: bool = False, run_seconds: float = 3600.0) -> dict[str, Any]:
-    """Poll, decide and deliver every ``interval`` seconds, for ``run_seconds``; ``once``:
-    one whole pass, until every export is delivered or in the failed store."""
+                      once: bool = False, run_seconds: float = 3600.0) -> State:
+    """Poll the change log, decide exports and deliver them.
+
+    Args:
+        config_path: the profile-relay YAML config (absolute, or relative to the worker's
+            working directory).
+        dataflow: stream only this dataflow; empty for every dataflow of the config.
+        interval: seconds between two polls of the change log.
+        once: one whole pass (new mappings backfilled, changes decided, every export
+            delivered or in the failed store), then end.
+        run_seconds: end the run after this long, so the schedule starts the next one.
+    """
+    logger = get_run_logger()
     config = load_config(config_path)
     store = open_store(config.state_path)
     flows_ = config.select_dataflows(dataflow)
+    owner = str(runtime.flow_run.id or uuid.uuid4())
+    ttl_ms = int(max(30.0, 3 * interval) * 1000)
+    if not once and not await _take_leases(store, [f.name for f in flows_], owner, ttl_ms):
+        return Completed(message="another stream run owns these dataflows; nothing to do")
     totals = {f.name: PassResult() for f in flows_}
-    started = last_summary = time.monotonic()
+    started, started_ms = time.monotonic(), now_ms()
+    last_summary = started
+    try:
+        while True:
+            tick = time.monotonic()
+            for flow_ in flows_:
+                if once or pipeline.has_work(store, flow_):
+                    await dispatch(store, config, flow_, totals[flow_.name], settle=once)
+            now = time.monotonic()
+            if once or now - started >= run_seconds:
+                break
+            if not once and not all(store.acquire_lease(f.name, LEASE_GROUP, owner, ttl_ms)
+                                    for f in flows_):
+                logger.warning("lost the lease of the stream (a newer run owns it); ending")
+                break
+            if now - last_summary >= SUMMARY_EVERY_SECONDS:
+                await publish_stream_summary(store, config, flows_, totals, started_ms)
+                store.prune_deliveries(now_ms() - DELIVERY_LOG_KEEP_MS)
+                last_summary = now
+            await asyncio.sleep(max(0.0, interval - (now - tick)))
+    finally:
+        if not once:
+            for flow_ in flows_:
+                store.release_lease(flow_.name, LEASE_GROUP, owner)
+    await publish_stream_summary(store, config, flows_, totals, started_ms)
+    counts = {name: t.counts() for name, t in totals.items()}
+    if message := report_failures(logger, config, totals):
+        return Failed(message=message, data=counts)
+    return Completed(message=f"streamed {len(flows_)} dataflow(s)", data=counts)
+
+
+async def _take_leases(store: Store, names: list[str], owner: str, ttl_ms: int) -> bool:
+    """Own every dataflow, waiting for a live run to hand over; False after the wait."""
+    deadline = time.monotonic() + TAKEOVER_WAIT_SECONDS
+    waited = False
     while True:
-        tick = time.monotonic()
-        for flow_ in flows_:
-            if once or pipeline.has_work(store, flow_):
-                await dispatch(store, config, flow_, totals[flow_.name], settle=once)
-        now = time.monotonic()
-        if once or now - started >= run_seconds:
-            break
-        if now - last_summary >= SUMMARY_EVERY_SECONDS:
-            await publish_stream_summary(store, config, flows_, started)
-            store.prune_deliveries(now_ms() - DELIVERY_LOG_KEEP_MS)
-            last_summary = now
-        await asyncio.sleep(max(0.0, interval - (now - tick)))
-    await publish_stream_summary(store, config, flows_, started)
-    return {name: t.counts() for name, t in totals.items()}
+        held = [n for n in names if store.acquire_lease(n, LEASE_GROUP, owner, ttl_ms) is None]
+        if not held:
+            if waited:
+                get_run_logger().info("took over %s from the previous stream run", ", ".join(names))
+            return True
+        if time.monotonic() >= deadline:
+            get_run_logger().info("%s: streamed by another live run; ending without work",
+                                  ", ".join(held))
+            for n in set(names) - set(held):
+                store.release_lease(n, LEASE_GROUP, owner)
+            return False
+        waited = True
+        await asyncio.sleep(1.0)

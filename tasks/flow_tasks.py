@@ -36,40 +36,54 @@ class RetryableDelivery(Exception):
         super().__init__(f"{retrying} export(s) to retry; last error: {last_error}")
 
 
+class DeliveryFailed(Exception):
+    """Exports ended in the failed store: the dispatch task run is not a success."""
+
+    def __init__(self, dataflow: str, failed: int, last_error: str | None) -> None:
+        super().__init__(f"{dataflow}: {failed} export(s) ended in the failed store; "
+                         f"last error: {last_error}")
+
+
 def _is_retryable(task_obj: object, task_run: object, state: Any) -> bool:
     return isinstance(getattr(state, "data", None), RetryableDelivery)
 
 
 @task(name="dispatch", retries=DISPATCH_RETRIES, retry_condition_fn=_is_retryable,
       cache_policy=NO_CACHE, task_run_name="dispatch {dataflow}")
-async def dispatch_task(store: Store, config: Config, dataflow: str, totals: PassResult,
+async def dispatch_task(store: Store, config: Config, dataflow: str, call: PassResult,
                         settle: bool) -> dict[str, int]:
+    """One pipeline pass; ``call`` gathers the figures of every run of this task call."""
     ctx = TaskRunContext.get()
     is_retry = ctx is not None and ctx.task_run.run_count > 1
     flow = config.dataflow(dataflow)
     result = await pipeline.run_pass(
         store, config, flow, wait_due=settle or is_retry,
         lock_wait=SENDER_WAIT_SECONDS if settle else 0.0, logger=get_run_logger())
-    for key in ("changes", "exports", "backfilled"):
-        setattr(totals, key, getattr(totals, key) + getattr(result, key))
-    totals.delivery.add(result.delivery)
+    call.add(result)
     if result.delivery.retrying:
         raise RetryableDelivery(result.delivery.retrying, result.delivery.last_error)
-    return result.counts()
+    if call.delivery.failed:
+        raise DeliveryFailed(dataflow, call.delivery.failed, call.delivery.last_error)
+    return call.counts()
 
 
 async def dispatch(store: Store, config: Config, flow: Dataflow, totals: PassResult,
                    settle: bool = False) -> None:
     """Run the dispatch task; ``settle``: again until every export decided so far is
-    delivered or in the failed store."""
+    delivered or in the failed store. The task run ends Failed when exports ended in the
+    failed store; the flow reports that at its end (``tasks.report.report_failures``)."""
     policy = RetryPolicy.for_destination(config.destination(flow.destination))
     run = dispatch_task.with_options(retry_delay_seconds=policy.task_retry_delays())
     while True:
+        call = PassResult()
         try:
-            await run(store, config, flow.name, totals, settle)
+            await run(store, config, flow.name, call, settle)
         except RetryableDelivery as exc:  # retries spent: the exports wait in the outbox
             get_run_logger().warning("%s: %s", flow.name, exc)
-        if not settle or pipeline.settled(store, flow) or totals.delivery.busy:
+        except DeliveryFailed:
+            pass  # counted in ``totals``; the flow run ends Failed with the figures
+        totals.add(call)
+        if not settle or pipeline.settled(store, flow) or call.delivery.busy:
             return
 
 

@@ -44,6 +44,12 @@ class PassResult:
     backfilled: int = 0
     delivery: DeliverySummary = field(default_factory=DeliverySummary)
 
+    def add(self, other: PassResult) -> None:
+        self.changes += other.changes
+        self.exports += other.exports
+        self.backfilled += other.backfilled
+        self.delivery.add(other.delivery)
+
     def counts(self) -> dict[str, int]:
         d = self.delivery
         return {"changes": self.changes, "exports": self.exports, "backfilled": self.backfilled,
@@ -233,9 +239,6 @@ async def run_until_settled(store: Store, config: Config, flow: Dataflow,
     while True:
         result = await run_pass(store, config, flow, wait_due=True, lock_wait=lock_wait,
                                 logger=logger)
-        total.changes += result.changes
-        total.exports += result.exports
-        total.backfilled += result.backfilled
-        total.delivery.add(result.delivery)
+        total.add(result)
         if settled(store, flow) or result.delivery.busy:
             return total
