@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,6 +35,20 @@ def _config(path: Path) -> Config:
 
 def _run(coro: object) -> object:
     return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _finish(state: Any) -> None:
+    """Print a flow run's figures; exit 3 when it ended Failed (exports in the failed
+    store), 1 when it crashed."""
+    result = state.result(raise_on_failure=False)
+    data = result if isinstance(result, dict) else None
+    if state.is_completed():
+        out.print_json(data=data or {})
+        return
+    if data is not None:
+        out.print_json(data=data)
+    err.print(f"{state.name}: {state.message}", markup=False)
+    raise typer.Exit(3 if data is not None else 1)
 
 
 @app.command()
@@ -101,8 +115,8 @@ def stream(config: ConfigOpt,
         _known_dataflow(cfg, dataflow)
     from flows.stream import stream_flow
 
-    totals = _run(stream_flow(str(config.resolve()), dataflow, interval, once, run_seconds))
-    out.print_json(data=totals)
+    _finish(_run(stream_flow(str(config.resolve()), dataflow, interval, once, run_seconds,
+                             return_state=True)))
 
 
 def _known_dataflow(cfg: Config, name: str) -> None:
@@ -125,7 +139,7 @@ def backfill(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="data
         raise typer.Exit(2)
     from flows.backfill import backfill_flow
 
-    out.print_json(data=_run(backfill_flow(str(config.resolve()), dataflow, segment)))
+    _finish(_run(backfill_flow(str(config.resolve()), dataflow, segment, return_state=True)))
 
 
 @app.command()
@@ -135,7 +149,7 @@ def replay(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="datafl
     _known_dataflow(cfg, dataflow)
     from flows.replay import replay_flow
 
-    out.print_json(data=_run(replay_flow(str(config.resolve()), dataflow)))
+    _finish(_run(replay_flow(str(config.resolve()), dataflow, return_state=True)))
 
 
 @app.command()
