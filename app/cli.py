@@ -40,15 +40,16 @@ def _run(coro: object) -> object:
 def _finish(state: Any) -> None:
     """Print a flow run's figures; exit 3 when it ended Failed (exports in the failed
     store), 1 when it crashed."""
+    from tasks.report import ExportsFailed
+
     result = state.result(raise_on_failure=False)
-    data = result if isinstance(result, dict) else None
     if state.is_completed():
-        out.print_json(data=data or {})
+        out.print_json(data=result if isinstance(result, dict) else {})
         return
-    if data is not None:
-        out.print_json(data=data)
+    if isinstance(result, ExportsFailed):
+        out.print_json(data=result.counts)
     err.print(f"{state.name}: {state.message}", markup=False)
-    raise typer.Exit(3 if data is not None else 1)
+    raise typer.Exit(3 if isinstance(result, ExportsFailed) else 1)
 
 
 @app.command()

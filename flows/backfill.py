@@ -18,7 +18,7 @@ from state import open_store
 from tasks import pipeline
 from tasks.flow_tasks import backfill_task, dispatch
 from tasks.pipeline import PassResult
-from tasks.report import artifact_key, report_failures
+from tasks.report import ExportsFailed, artifact_key, report_failures
 
 
 @flow(name="profile-relay-backfill", flow_run_name="backfill {dataflow} ({segment})",
@@ -73,5 +73,5 @@ async def backfill_flow(config_path: str, dataflow: str, segment: str | None = N
         await dispatch(store, config, flow_, totals, settle=True)
     result = {"dataflow": dataflow, "exported": exported, **totals.counts()}
     if message := report_failures(logger, config, {dataflow: totals}):
-        return Failed(message=message, data=result)
+        return Failed(message=message, data=ExportsFailed(message, result))
     return Completed(message=f"backfilled {exported} profile(s)", data=result)

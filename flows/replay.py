@@ -11,7 +11,7 @@ from config import load_config
 from state import open_store
 from tasks.flow_tasks import dispatch, requeue_task
 from tasks.pipeline import PassResult
-from tasks.report import artifact_key, report_failures
+from tasks.report import ExportsFailed, artifact_key, report_failures
 
 
 @flow(name="profile-relay-replay", flow_run_name="replay {dataflow}", timeout_seconds=3600)
@@ -45,5 +45,5 @@ async def replay_flow(config_path: str, dataflow: str) -> State:
     result = {"resent": len(plan.resent), "superseded": len(plan.superseded),
               **totals.counts()}
     if message := report_failures(logger, config, {dataflow: totals}):
-        return Failed(message=message, data=result)
+        return Failed(message=message, data=ExportsFailed(message, result))
     return Completed(message=f"replayed {len(plan.resent)}", data=result)

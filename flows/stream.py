@@ -20,7 +20,7 @@ from state.db import now_ms
 from tasks import pipeline
 from tasks.flow_tasks import dispatch
 from tasks.pipeline import PassResult
-from tasks.report import publish_stream_summary, report_failures
+from tasks.report import ExportsFailed, publish_stream_summary, report_failures
 
 SUMMARY_EVERY_SECONDS = 60.0
 DELIVERY_LOG_KEEP_MS = 7 * 24 * 3_600_000  # status reads the last hour; keep a week
@@ -85,7 +85,7 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     await publish_stream_summary(store, config, flows_, totals, started_ms)
     counts = {name: t.counts() for name, t in totals.items()}
     if message := report_failures(logger, config, totals):
-        return Failed(message=message, data=counts)
+        return Failed(message=message, data=ExportsFailed(message, counts))
     return Completed(message=f"streamed {len(flows_)} dataflow(s)", data=counts)
 
 

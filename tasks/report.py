@@ -23,6 +23,18 @@ from tasks.pipeline import PassResult
 EVENT_FAILURES = "profile-relay.dataflow.failures"
 
 
+class ExportsFailed(Exception):
+    """What a run that left exports in the failed store fails with; ``counts`` holds the
+    run's figures (so ``profile-relay stream`` prints them before exiting 3)."""
+
+    def __init__(self, message: str, counts: dict[str, Any]) -> None:
+        super().__init__(message, counts)
+        self.counts = counts
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def config_tag(config: Config) -> str:
     """Eight hex digits that tell configs apart: a digest of their store's location."""
     return hashlib.sha256(str(config.state_path.resolve()).encode()).hexdigest()[:8]
