@@ -17,7 +17,7 @@ import hmac
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -35,6 +35,7 @@ from tasks.ingest import ingest_files
 MARKER = ".profile-relay-demo"
 MAPPED_SEGMENTS = ("seg-vip", "seg-cart")
 MAPPED_ROOTS = {"person", "personalEmail", "segmentMembership", "identityMap"}
+WEBHOOK_TOLERANCE_SECONDS = 300  # Standard Webhooks: reject older or newer messages
 
 CONFIG_TEMPLATE = """\
 # Written by `profile-relay demo`; the receiver listened on port {port}.
@@ -203,19 +204,42 @@ def read_sample(data: bytes) -> Sample:
     return Sample(pid_by_identity, qualified)
 
 
-def verify_signature(secret: str, request: dict[str, Any]) -> str | None:
-    """Standard Webhooks verification, as a receiver would do it."""
-    headers = {k.lower(): v for k, v in request["headers"].items()}
-    msg_id, stamp, sig = (headers.get(h) for h in
+def webhook_problem(secret: str, headers: Mapping[str, str], body: bytes,
+                    now: float | None = None) -> str | None:
+    """Standard Webhooks verification as a receiver does it, written from the spec text
+    (independently of ``destinations.signing``); None when ``body`` verifies.
+
+    The signed content is ``webhook-id.webhook-timestamp.body``; the key is the base64
+    after the ``whsec_`` prefix; ``webhook-signature`` is a space-delimited list of
+    ``v1,<base64 HMAC-SHA256>``; the timestamp must be within the tolerance of ``now``
+    (epoch seconds, default the clock)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    msg_id, stamp, sig = (lowered.get(h) for h in
                           ("webhook-id", "webhook-timestamp", "webhook-signature"))
     if not (msg_id and stamp and sig):
         return "missing webhook-id/-timestamp/-signature headers"
+    try:
+        sent_at = int(stamp)
+    except ValueError:
+        return "webhook-timestamp is not a number of seconds"
+    if abs((time.time() if now is None else now) - sent_at) > WEBHOOK_TOLERANCE_SECONDS:
+        return "webhook-timestamp is too far from now"
     key = base64.b64decode(secret.removeprefix("whsec_"))
-    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + request["raw"], hashlib.sha256)
-    want = "v1," + base64.b64encode(mac.digest()).decode()
-    if not any(hmac.compare_digest(want, s) for s in sig.split()):
-        return "webhook-signature does not verify"
-    if msg_id != headers.get("idempotency-key"):
+    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + body, hashlib.sha256)
+    want = base64.b64encode(mac.digest()).decode()
+    for entry in sig.split():
+        version, _, signature = entry.partition(",")
+        if version == "v1" and hmac.compare_digest(want, signature):
+            return None
+    return "webhook-signature does not verify"
+
+
+def verify_signature(secret: str, request: dict[str, Any]) -> str | None:
+    """A received request's signature, and its webhook-id against its Idempotency-Key."""
+    if problem := webhook_problem(secret, request["headers"], request["raw"]):
+        return problem
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    if headers["webhook-id"] != headers.get("idempotency-key"):
         return "webhook-id differs from Idempotency-Key"
     return None
 

@@ -5,17 +5,19 @@
 1. Builds a store of N profiles (11 attribute leaves, 2 identities, 5 segment memberships
    each; seg-00 qualified for ~98 % of them) by writing rows straight into the schema of
    state/schema.py (the file is created with open_db, so the migrations run first), and
-   registers a dataflow mapping seg-00 and seg-01 with sync_mapping.
-2. (c) runs that new dataflow's initial backfill with run_backfill: every qualified
-   profile into the outbox -> profiles/s. This also leaves the dataflow's snapshots as a
-   running dataflow has them. The outbox is then emptied (as if delivered).
+   registers a dataflow mapping seg-00 and seg-01 with ``tasks.pipeline.sync``.
+2. (c) runs that new dataflow's initial backfill with ``tasks.pipeline.backfill``: every
+   qualified profile into the outbox (as a reference: bodies are rendered at send time)
+   -> profiles/s. This also leaves the dataflow's snapshots as a running dataflow has
+   them. The outbox is then emptied (as if delivered).
 3. Appends a micro-batch of --batch fragments through tasks.ingest.ingest_stream: mapped
    attribute writes (some with the same value), unmapped writes, identity adds, mapped
    membership flips and unmapped segment changes, on random profiles.
 4. (a) BASELINE: only reading the rows that micro-batch touches out of SQLite into Polars
    (the change rows after the cursor, those profiles' profile rows and their
-   profile_segments rows, as pl.DataFrames). (b) OURS: export_batch from the micro-batch to
-   exports in the outbox (detection, payloads, idempotency keys, one transaction).
+   profile_segments rows, as pl.DataFrames). (b) OURS: ``tasks.pipeline.decide_batch`` from
+   the micro-batch to exports in the outbox (detection, snapshots and the cursor, one
+   transaction; the outbox holds references, so no body is built here).
 
 Targets: micro-batch <= 0.5 s, backfill >= 100,000 profiles/s, peak RSS <= 2 GiB.
 --profile prints where the time of (b) and (c) goes (cProfile, top functions).
@@ -40,12 +42,10 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import tasks.export as export_mod
-from tasks.export import export_batch, payload_spec, run_backfill, sync_mapping
-
 from config import parse_config
-from state import dataflows as flows_state
+from state import Store, open_store
 from state.db import now_ms, open_db, shard_of, write_txn
+from tasks import pipeline
 from tasks.ingest import ingest_stream
 
 FLOW = "bench-flow"
@@ -160,10 +160,9 @@ def micro_batch(n: int, size: int, rng: random.Random) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
-def baseline(db, after: int) -> tuple[Clock, int]:
+def baseline(conn, after: int) -> tuple[Clock, int]:
     """Only reading what the micro-batch touches into Polars: changes, profiles, memberships."""
     with Clock() as clock:
-        conn = db.conn
         changes = pl.DataFrame(conn.execute(
             "SELECT seq, profile_id, committed_at, attr_paths, identity_added, segments "
             "FROM changes WHERE seq > ? ORDER BY seq", (after,)).fetchall(),
@@ -182,29 +181,36 @@ def baseline(db, after: int) -> tuple[Clock, int]:
 
 
 class Phases:
-    """CPU and wall time per step of export_batch / run_backfill, by wrapping the module
-    functions they call (per call, not per row: the overhead is negligible)."""
+    """CPU and wall time per step of decide_batch / backfill, by wrapping the Store verbs
+    and the detection functions they call (per call, not per row: the overhead is
+    negligible)."""
 
-    STEPS = ((flows_state, ("read_changes", "memberships", "snapshots",
-                            "qualified_after", "payload_rows", "queue_exports")),
-             (export_mod, ("candidates", "decide")))
+    STORE_VERBS = ("read_changes", "memberships", "snapshots", "count_qualified",
+                   "qualified_after", "backfill_rows", "enqueue_exports")
+    PIPELINE_STEPS = ("candidates", "decide")
 
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self.cpu: dict[str, float] = {}
         self.wall: dict[str, float] = {}
-        self.saved: list[tuple[object, str, object]] = []
+        self.saved: list[tuple[object, str]] = []
 
     def __enter__(self) -> Phases:
-        for module, names in self.STEPS:
+        # the store's verbs as instance attributes (removed again on exit), the pipeline's
+        # detection steps in its module namespace (restored on exit)
+        for target, names in ((self.store, self.STORE_VERBS), (pipeline, self.PIPELINE_STEPS)):
             for name in names:
-                real = getattr(module, name)
-                self.saved.append((module, name, real))
-                setattr(module, name, self._timed(name, real))
+                real = getattr(target, name)
+                self.saved.append((target, name, real))
+                setattr(target, name, self._timed(name, real))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for module, name, real in self.saved:
-            setattr(module, name, real)
+        for target, name, real in reversed(self.saved):
+            if target is self.store:
+                delattr(target, name)
+            else:
+                setattr(target, name, real)
 
     def _timed(self, name, real):
         def timed(*args, **kwargs):
@@ -222,7 +228,7 @@ class Phases:
             print(f"      {name:16s} {self.cpu[name]:7.3f}  {self.wall[name]:7.3f}")
         rest = total.cpu - sum(self.cpu.values())
         print(f"      {'the rest':16s} {rest:7.3f}  "
-              f"{total.wall - sum(self.wall.values()):7.3f}   (bodies, idempotency keys, Export rows)")
+              f"{total.wall - sum(self.wall.values()):7.3f}   (Export rows, the glue)")
 
 
 def top(prof: cProfile.Profile, title: str, lines: int = 22) -> None:
@@ -264,22 +270,22 @@ def main() -> None:
                        "attributes": ATTRIBUTES}],
     })
     flow = config.dataflow(FLOW)
-    db = open_db(args.db)
-    sync = sync_mapping(db, config, flow)
+    store = open_store(args.db)
+    db = store.db  # a SqliteStore: the baseline reads through the store's own connection
+    sync = pipeline.sync(store, config, flow)
     assert sync.created
-    spec = payload_spec(db, config, flow)
     timer = time.process_time if args.profile == "cpu" else time.perf_counter
 
     # (c) the new dataflow's backfill: every qualified profile into the outbox
-    (job,) = flows_state.open_backfills(db, FLOW)
+    (job,) = store.open_backfills(FLOW)
     prof_c = cProfile.Profile(timer) if args.profile else None
-    with Phases() as phases_c, Clock() as backfill_t:
+    with Phases(store) as phases_c, Clock() as backfill_t:
         if prof_c:
             prof_c.enable()
-        backfilled = run_backfill(db, flow, spec, job)
+        backfilled = pipeline.backfill(store, flow, job)
         if prof_c:
             prof_c.disable()
-    queued = db.conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    queued = store.pending_count(FLOW)
     assert queued == backfilled, (queued, backfilled)
     rss_backfill = peak_rss()
     with write_txn(db) as conn:  # as if delivered
@@ -288,23 +294,23 @@ def main() -> None:
 
     # the micro-batch
     data = micro_batch(args.profiles, args.batch, rng)
-    cursor = flows_state.cursor(db, FLOW)
+    cursor = store.cursor(FLOW)
     with Clock() as ingest_t:
-        result = ingest_stream(db, io.BytesIO(data), "bench", frozenset(SEGMENTS))
+        result = ingest_stream(store, io.BytesIO(data), "bench", frozenset(SEGMENTS))
     assert result.ingested == args.batch and result.rejected == 0
 
     # (a) baseline, warm (the first read brings the pages into the cache for both)
-    baseline(db, cursor)
-    runs = [baseline(db, cursor) for _ in range(3)]
+    baseline(db.conn, cursor)
+    runs = [baseline(db.conn, cursor) for _ in range(3)]
     base_t, base_rows = min(runs, key=lambda r: r[0].wall)
 
     # (b) ours
     prof_b = cProfile.Profile(timer) if args.profile else None
     exports = changes = 0
-    with Phases() as phases_b, Clock() as ours_t:
+    with Phases(store) as phases_b, Clock() as ours_t:
         if prof_b:
             prof_b.enable()
-        while (res := export_batch(db, flow, spec, limit=args.batch)) is not None:
+        while (res := pipeline.decide_batch(store, flow, limit=args.batch)) is not None:
             exports += res.exports
             changes += res.changes
         if prof_b:
@@ -334,10 +340,10 @@ def main() -> None:
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
           f"(other processes inflate wall times)")
     if prof_b:
-        top(prof_b, "(b) export_batch")
+        top(prof_b, "(b) decide_batch")
     if prof_c:
-        top(prof_c, "(c) run_backfill")
-    db.conn.close()
+        top(prof_c, "(c) backfill")
+    store.close()
     if tmp:
         tmp.cleanup()
 

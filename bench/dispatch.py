@@ -5,20 +5,25 @@
 
 1. ENDPOINT: a raw ``asyncio.Protocol`` HTTP/1.1 keep-alive server in its own process
    (headers up to the blank line, a Content-Length body, ``200 ok``); it counts requests.
-2. STORE: a fresh SQLite store (WAL) whose outbox holds N exports of about 1 KB, one per
-   profile, queued through ``state.dataflows.queue_exports`` in seq order with profile ids
-   shuffled against it (as in life); each run drains its own copy of that file.
+2. STORE: a fresh SQLite store (WAL) with N profiles, one fragment each ingested in an
+   order shuffled against their ids (as in life), and the outbox holding one export per
+   profile, decided by ``tasks.pipeline.decide_batch`` in seq order. The outbox holds
+   references; each body (about 1 KB) is rendered from the profile at send time. Each run
+   drains its own copy of that file.
 3. Alternating, R times (medians shown):
    - baseline: one ClientSession, ``TCPConnector(limit=C)``, C worker coroutines posting
      the same bodies with the same Content-Type, Idempotency-Key and sequence headers;
-     bodies are read from the store before the clock starts;
+     bodies are rendered (``tasks.body.render``) before the clock starts;
    - ours: ``tasks.dispatch.drain`` with ``Sender`` and ``TokenBucket(10,000)``, timed over
-     the whole drain: outbox reads, sending, and the ``outbox.record`` writes;
+     the whole drain: claiming the outbox, loading and rendering each profile, sending,
+     and recording the outcomes;
    - ours, no cap: the same with ``TokenBucket(1e9)``, to show whether the cap binds;
-   - sharded: K processes, each ``drain(..., shards=(i, K))`` on the same file, first with
-     ``rate_limit_for(share=1/K)`` each (the dataflow's 10,000/s in total), then with
-     10,000/s each (raw capacity). Checks that every profile went through exactly one
-     process, the one owning its shard (``shard_of`` % K), and was delivered once.
+   - sharded: K processes on the same file, each draining the exports of the profiles of
+     its shards (``shard_of`` % K; the bench narrows ``claim_due`` with
+     ``state.outbox.due(shards=(i, K))``, since ``drain`` itself sends a whole dataflow),
+     first with ``rate_limit_for(share=1/K)`` each (the dataflow's 10,000/s in total), then
+     with 10,000/s each (raw capacity). Checks that every profile went through exactly
+     one process, the one owning its shard, and was delivered once.
 
 Every client runs in a fresh child process (the same kind for all modes), with uvloop when
 it is installed. Latency is per request, from the start of the send to the end of the
@@ -36,6 +41,7 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import statistics
 import sys
@@ -167,28 +173,42 @@ class Endpoint:
 
 # --- the store --------------------------------------------------------------------------
 
+SEGMENT = "seg-a"
+ATTRIBUTES = ["person.name.firstName", "person.name.lastName", "personalEmail.address", "notes"]
+QUALIFIED_AT = "2026-01-01T00:00:00Z"
 
-def body_for(i: int) -> bytes:
+
+def bench_config(url: str = "http://127.0.0.1:9/ingest", concurrency: int = 64) -> Any:
+    """One destination at ``url`` and one dataflow mapping SEGMENT and ATTRIBUTES."""
+    from config import parse_config
+
+    return parse_config({
+        "segments": [{"id": SEGMENT, "name": "Segment A"}],
+        "destinations": [{"name": DEST, "endpoint": url, "max_in_flight": concurrency,
+                          "timeout_seconds": 30, "rate_limit": 10_000}],
+        "dataflows": [{"name": FLOW, "destination": DEST, "segments": [SEGMENT],
+                       "attributes": ATTRIBUTES}],
+    })
+
+
+def fragment_for(i: int) -> bytes:
+    """Profile number i as one fragment whose rendered body is about BODY_BYTES."""
     import orjson
 
     pid = f"p-{i:08d}"
-    doc = {
-        "profileId": pid,
-        "attributes": {"person": {"name": {"firstName": "Ann", "lastName": f"Doe{i}"}},
-                       "personalEmail": {"address": f"ann.doe.{i}@example.com"},
-                       "notes": ""},
-        "identityMap": {"ecid": [{"id": f"{i * 7919 + 14575006536349:020d}"}],
-                        "email": [{"id": f"ann.doe.{i}@example.com"}]},
-        "segmentMembership": {"ups": {"seg-a": {"status": "realized",
-                                                "lastQualificationTime": "2026-01-01T00:00:00Z"}}},
-    }
-    raw = orjson.dumps(doc)
-    doc["attributes"]["notes"] = "x" * max(0, BODY_BYTES - len(raw))
-    return orjson.dumps(doc)
+    attributes = {"person": {"name": {"firstName": "Ann", "lastName": f"Doe{i}"}},
+                  "personalEmail": {"address": f"ann.doe.{i}@example.com"}, "notes": ""}
+    ids = {"ecid": [{"id": f"{i * 7919 + 14575006536349:020d}"}],
+           "email": [{"id": f"ann.doe.{i}@example.com"}]}
+    ups = {SEGMENT: {"lastQualificationTime": QUALIFIED_AT, "status": "realized"}}
+    body = {**attributes, "segmentMembership": {"ups": ups}, "identityMap": ids}  # its shape
+    attributes["notes"] = "x" * max(0, BODY_BYTES - len(orjson.dumps(body)))
+    return orjson.dumps({"profileId": pid, "timestamp": QUALIFIED_AT, "attributes": attributes,
+                         "identityMap": ids, "segmentMembership": {"ups": ups}}) + b"\n"
 
 
 def profile_numbers(n: int) -> list[int]:
-    """Profile number of the export with seq i + 1: shuffled, as change order has nothing
+    """Profile number of the change with seq i + 1: shuffled, as change order has nothing
     to do with profile ids (so a round's deletes hit pages all over the outbox)."""
     import random
 
@@ -199,28 +219,35 @@ def profile_numbers(n: int) -> list[int]:
 
 def fill_store(path: Path, n: int) -> float:
     """A fresh store with n exports queued for FLOW; returns the mean body size."""
-    from tasks.payload import idempotency_key
+    import io
 
-    from state.dataflows import Export, queue_exports, sync_dataflow
-    from state.db import now_ms, open_db
+    from state import open_store
+    from tasks import pipeline
+    from tasks.body import render
+    from tasks.ingest import ingest_stream
 
-    db = open_db(path)
-    sync_dataflow(db, FLOW, DEST, ["seg-a"], "bench")
-    total = 0
-    now = now_ms()
+    config = bench_config()
+    flow = config.dataflow(FLOW)
+    store = open_store(path)
+    pipeline.sync(store, config, flow)  # the dataflow first: every change below is streamed
+    for job in store.open_backfills(FLOW):
+        pipeline.backfill(store, flow, job)  # an empty store: nothing to backfill
     numbers = profile_numbers(n)
+    catalogue = frozenset({SEGMENT})
     for start in range(0, n, FILL_BATCH):
-        exports = []
-        for i in range(start, min(n, start + FILL_BATCH)):
-            pid = f"p-{numbers[i]:08d}"
-            body = body_for(numbers[i])
-            total += len(body)
-            key = idempotency_key(FLOW, pid, i + 1, body)
-            exports.append(Export(pid, i + 1, "change", now, key, body, "seg-a"))
-        queue_exports(db, FLOW, exports)
-    db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.conn.close()
-    return total / n
+        lines = b"".join(fragment_for(numbers[i]) for i in range(start, min(n, start + FILL_BATCH)))
+        ingest_stream(store, io.BytesIO(lines), "bench", catalogue, batch_lines=FILL_BATCH)
+    assert store.head_seq() == n, "the change with seq i + 1 must be profile numbers[i]"
+    exports = 0
+    while (batch := pipeline.decide_batch(store, flow)) is not None:
+        exports += batch.exports
+    assert exports == store.pending_count(FLOW) == n, (exports, n)
+    spec = pipeline.body_spec(store, config, flow)
+    sample = store.load_profiles([f"p-{i:08d}" for i in range(min(n, 1000))])
+    mean = sum(len(render(p, spec)) for p in sample.values()) / len(sample)
+    store.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the copies take the file alone
+    store.close()
+    return mean
 
 
 def copy_store(template: Path, dest: Path) -> None:
@@ -229,11 +256,23 @@ def copy_store(template: Path, dest: Path) -> None:
     shutil.copyfile(template, dest)
 
 
-def destination(url: str, concurrency: int) -> Any:
-    from config import Destination
+class ShardOf:
+    """A store whose ``claim_due`` takes only the exports of the profiles of one worker's
+    shards (index, count), for the sharded modes; everything else is the store's."""
 
-    return Destination(name=DEST, endpoint=url, max_in_flight=concurrency,
-                       timeout_seconds=30, rate_limit=10_000)
+    def __init__(self, store: Any, shards: tuple[int, int]) -> None:
+        self._store = store
+        self._shards = shards
+
+    def claim_due(self, dataflow: str, now: int, limit: int,
+                  tried_before: int | None = None) -> list:
+        from state import outbox
+
+        return outbox.due(self._store.db, dataflow, now, limit, shards=self._shards,
+                          tried_before=tried_before)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 # --- the measured children --------------------------------------------------------------
@@ -258,15 +297,23 @@ def baseline_child(url: str, db_path: str, concurrency: int, use_uvloop: bool,
                    barrier: Any, out: Any) -> None:
     import aiohttp
 
-    from state import outbox
-    from state.db import open_db
+    from state import open_store
+    from tasks import pipeline
+    from tasks.body import idempotency_key, render
 
-    db = open_db(db_path)
-    items = outbox.due(db, FLOW, 2**62, 10**9)  # untimed: the same bodies, keys and seqs
-    db.conn.close()
-    work = [(item.body, {"Content-Type": "application/json",
-                         "Idempotency-Key": item.idempotency_key,
-                         "X-Relay-Sequence": str(item.seq)}) for item in items]
+    config = bench_config(url, concurrency)
+    store = open_store(db_path)
+    spec = pipeline.body_spec(store, config, config.dataflow(FLOW))
+    items = store.claim_due(FLOW, 2**62, 10**9)  # untimed: the same bodies, keys and seqs
+    profiles = store.load_profiles([item.profile_id for item in items])
+    store.close()
+    work = []
+    for item in items:
+        profile = profiles[item.profile_id]
+        work.append((render(profile, spec), {
+            "Content-Type": "application/json",
+            "Idempotency-Key": idempotency_key(spec, item.profile_id, profile.last_seq),
+            "X-Relay-Sequence": str(profile.last_seq)}))
 
     async def run() -> dict:
         connector = aiohttp.TCPConnector(limit=concurrency)
@@ -300,20 +347,27 @@ def baseline_child(url: str, db_path: str, concurrency: int, use_uvloop: bool,
 def ours_child(url: str, db_path: str, concurrency: int, use_uvloop: bool, rate: float | None,
                shards: tuple[int, int] | None, profile_cpu: bool, barrier: Any, out: Any) -> None:
     from destinations.ratelimit import TokenBucket, rate_limit_for
+    from destinations.retry import RetryPolicy
     from destinations.sender import Sender
-    from state import outbox
-    from state.db import open_db
+    from state import open_store
+    from tasks import pipeline
     from tasks.dispatch import SEQUENCE_HEADER, drain
 
-    db = open_db(db_path)
-    dest = destination(url, concurrency)
+    config = bench_config(url, concurrency)
+    flow = config.dataflow(FLOW)
+    dest = config.destination(DEST)
+    store = open_store(db_path)
+    if shards:
+        store = ShardOf(store, shards)
+    spec = pipeline.body_spec(store, config, flow)
+    policy = RetryPolicy.for_destination(dest)
     share = 1.0 / shards[1] if shards else 1.0
     bucket_rate = rate if rate is not None else rate_limit_for(FLOW, dest, share=share)
     lat: list[float] = []
     seqs: list[str] = []
-    phases = {"due": 0.0, "record": 0.0}
+    phases = {"claim_due": 0.0, "load_profiles": 0.0, "record_outcomes": 0.0}
 
-    # Time the store calls (wall clock, in whichever thread they run); a few per round.
+    # Time the store calls (wall clock); a few per round.
     def timed(name: str, fn: Any) -> Any:
         def wrapper(*args: Any, **kw: Any) -> Any:
             t = time.perf_counter()
@@ -323,8 +377,8 @@ def ours_child(url: str, db_path: str, concurrency: int, use_uvloop: bool, rate:
                 phases[name] += time.perf_counter() - t
         return wrapper
 
-    outbox.due = timed("due", outbox.due)
-    outbox.record = timed("record", outbox.record)
+    for name in phases:
+        setattr(store, name, timed(name, getattr(store, name)))
 
     class TimedSender(Sender):
         """Reads each request's latency off its Outcome, and the sequence it carried."""
@@ -348,7 +402,8 @@ def ours_child(url: str, db_path: str, concurrency: int, use_uvloop: bool, rate:
             start = time.monotonic()
             if profiler:
                 profiler.enable()
-            summary = await drain(db, FLOW, dest, sender, bucket, shards=shards)
+            summary = await drain(store, FLOW, spec, policy, sender, bucket,
+                                  dest.max_in_flight)
             if profiler:
                 profiler.disable()
             end = time.monotonic()
@@ -363,10 +418,10 @@ def ours_child(url: str, db_path: str, concurrency: int, use_uvloop: bool, rate:
             stats.sort_stats("cumulative").print_stats(40)
             print(text.getvalue(), file=sys.stderr)
         return {"start": start, "end": end, "sent": summary.sent, "ok": summary.delivered,
-                "failed": summary.failed, "retried": summary.retried,
+                "failed": summary.failed, "retrying": summary.retrying,
                 "last_error": summary.last_error, "lat": lat, "seqs": [int(s) for s in seqs],
-                "rate": bucket_rate, "cpu": cpu, "due_s": phases["due"],
-                "record_s": phases["record"]}
+                "rate": bucket_rate, "cpu": cpu, "claim_s": phases["claim_due"],
+                "load_s": phases["load_profiles"], "record_s": phases["record_outcomes"]}
 
     with _runner(use_uvloop) as runner:
         out.put(runner.run(run()))
@@ -379,7 +434,17 @@ def run_children(ctx: Any, specs: list[tuple[Any, tuple]]) -> list[dict]:
     procs = [ctx.Process(target=target, args=(*args, barrier, out)) for target, args in specs]
     for p in procs:
         p.start()
-    results = [out.get(timeout=900) for _ in procs]
+    results = []
+    deadline = time.monotonic() + 900
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=1))
+        except queue.Empty:
+            # a child that died before putting its result: stop now, not at the deadline
+            if any(p.exitcode for p in procs) or time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                sys.exit(f"a benchmark child failed (exit codes {[p.exitcode for p in procs]})")
     for p in procs:
         p.join(30)
         if p.exitcode:
@@ -533,8 +598,10 @@ def main() -> None:
             store = ""
             if label != "baseline":
                 problems.extend(check_delivered(db_path, n, label))
-                store = "; store calls: due {:.2f} s, record {:.2f} s of {:.2f} s".format(
-                    sum(r["due_s"] for r in results) / len(results),
+                store = ("; store calls: claim {:.2f} s, load profiles {:.2f} s, record "
+                         "{:.2f} s of {:.2f} s").format(
+                    sum(r["claim_s"] for r in results) / len(results),
+                    sum(r["load_s"] for r in results) / len(results),
                     sum(r["record_s"] for r in results) / len(results), m["seconds"])
             if shards:
                 problems.extend(check_shards(results, shards, n, label))

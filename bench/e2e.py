@@ -4,17 +4,17 @@
                                   [--interval 1] [--every 0.05] [--workdir DIR]
 
 Per rate, everything in its own process, on loopback, one Prefect server for the run:
-1. ENDPOINT: an ``aiohttp.web`` server (``tests.procs endpoint``) that answers 200 and
-   records, per request, the receive time, ``X-Relay-Sequence``, ``Idempotency-Key`` and
-   the profile (from the body's identity map).
+1. ENDPOINT: ``testkit.servers.Endpoint`` in its own process (``testkit.procs endpoint``);
+   it answers 200 and records, per request, the receive time, ``X-Relay-Sequence``,
+   ``Idempotency-Key`` and the profile (from the body's identity map).
 2. STREAM: ``profile-relay stream --interval INTERVAL --run-seconds 3600`` with
    ``PREFECT_API_URL`` set to the shared server; it registers the dataflow on an empty
    store before ingest starts, so everything it sends is streamed, none backfilled.
-3. INGEST: ``tests.procs ingest`` calls ``tasks.ingest.ingest_stream`` with RATE x EVERY
+3. INGEST: ``testkit.procs ingest`` calls ``tasks.ingest.ingest_stream`` with RATE x EVERY
    fragments every EVERY seconds (about 50 a commit at 1,000/s), each writing the mapped
    attribute ``person.name.firstName`` of one of PROFILES profiles, all members of the
    mapped segment. It runs for SECONDS.
-4. FLOOR: ``tests.procs poll`` reads ``changes`` after its cursor every INTERVAL seconds
+4. FLOOR: ``testkit.procs poll`` reads ``changes`` after its cursor every INTERVAL seconds
    and notes, per row, read time - ``committed_at``. Nothing built on polling at that
    interval can see a change sooner, so this is the floor our latency is compared with.
    It runs at the same time as the stream, against the same file.
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests import procs as P  # noqa: E402
+from testkit import procs as P  # noqa: E402
 
 TARGET_P95_MS = 5_000
 TARGET_RATE = 1_000
@@ -140,7 +140,7 @@ def run_rate(api: str, server: P.Proc, work: Path, rate: int, seconds: float, pr
             dispatch.append(r.at_ms - qtimes[i])
     batches = [int(m.group(1)) for m in map(_BATCH_LINE.match, stream_log.splitlines()) if m]
     dispatch_done = [t for t in (_log_ms(line, int(ended * 1000)) for line in stream_log.splitlines()
-                                 if "Task run 'dispatch-" in line and "Finished" in line)
+                                 if "Task run 'dispatch " in line and "Finished" in line)
                      if t is not None]
     passes = [b - a for a, b in itertools.pairwise(dispatch_done)]
     span = (max(r.at_ms for r in first.values()) - min(r.at_ms for r in first.values())) / 1000

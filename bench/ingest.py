@@ -109,10 +109,10 @@ def generate(path: Path, n: int, n_profiles: int, seed: int = 7) -> tuple[int, i
 
 
 def run_ours(src: str, db_path: str, cpu_profile: bool) -> dict:
-    from state.db import open_db
+    from state import open_store
     from tasks.ingest import ingest_files
 
-    db = open_db(db_path)
+    store = open_store(db_path)
     catalogue = frozenset(SEGMENTS)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     profiler = None
@@ -122,7 +122,7 @@ def run_ours(src: str, db_path: str, cpu_profile: bool) -> dict:
         profiler = cProfile.Profile()
         profiler.enable()
     start, cpu = time.perf_counter(), time.process_time()
-    result = ingest_files(db, [src], catalogue)
+    result = ingest_files(store, [src], catalogue)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if profiler is not None:
         import io
@@ -134,12 +134,23 @@ def run_ours(src: str, db_path: str, cpu_profile: bool) -> dict:
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats(30)
         print(text.getvalue(), file=sys.stderr)
-    conn = db.conn
-    counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-              for t in ("changes", "profiles", "profile_segments")}
+    store.close()
+    counts = table_counts(db_path)
     return {"seconds": seconds, "cpu": cpu, "ingested": result.ingested, "rejected": result.rejected,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_before": rss_before, "counts": counts}
+
+
+def table_counts(db_path: str) -> dict[str, int]:
+    """Rows in the tables an ingest writes, read on a connection of its own."""
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    try:
+        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("changes", "profiles", "profile_segments")}
+    finally:
+        conn.close()
 
 
 def run_baseline(src: str, db_path: str, batch: int) -> dict:
@@ -205,8 +216,8 @@ def run_baseline(src: str, db_path: str, batch: int) -> dict:
                 pending = []
     if pending:
         flush(pending)
-    counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-              for t in ("changes", "profiles", "profile_segments")}
+    conn.close()
+    counts = table_counts(db_path)
     return {"seconds": sql_seconds, "cpu": sql_cpu, "ingested": n, "counts": counts,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests import procs as P  # noqa: E402
+from testkit import procs as P  # noqa: E402
 
 GROWTH_LIMIT = 0.10
 BASELINE_MINUTE = 5

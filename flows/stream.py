@@ -17,6 +17,7 @@ from prefect.states import Completed, Failed, State
 from config import load_config
 from state import Store, open_store
 from state.db import now_ms
+from state.leases import owner_id
 from tasks import pipeline
 from tasks.flow_tasks import dispatch
 from tasks.pipeline import PassResult
@@ -53,7 +54,7 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     config = load_config(config_path)
     store = open_store(config.state_path)
     flows_ = config.select_dataflows(dataflow)
-    owner = str(runtime.flow_run.id or uuid.uuid4())
+    owner = owner_id(str(runtime.flow_run.id or uuid.uuid4()))
     ttl_ms = int(max(30.0, 3 * interval) * 1000)
     if not once and not await _take_leases(store, [f.name for f in flows_], owner, ttl_ms):
         return Completed(message="another stream run owns these dataflows; nothing to do")

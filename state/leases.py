@@ -3,9 +3,33 @@ owner, so a writer can tell that it lost ownership."""
 
 from __future__ import annotations
 
+import os
+import socket
+
 import sqlite_utils
 
 from state.db import write_txn
+
+
+def owner_id(run: str) -> str:
+    """An owner name that says where the owner runs: host, process id, then ``run``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{run}"
+
+
+def _gone(owner: str) -> bool:
+    """An owner on this host whose process has exited: its lease need not run out. (The
+    embedded store lives on one machine, so a restart after a crash takes over at once.)"""
+    host, _, rest = owner.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def acquire(db: sqlite_utils.Database, dataflow: str, group: int, owner: str, ttl_ms: int,
@@ -22,7 +46,7 @@ def acquire(db: sqlite_utils.Database, dataflow: str, group: int, owner: str, tt
             return epoch
         held_by, epoch, expires_at = row
         if held_by != owner:
-            if expires_at > now:
+            if expires_at > now and not _gone(held_by):
                 return None
             epoch += 1
         conn.execute("UPDATE leases SET owner = ?, epoch = ?, expires_at = ? WHERE dataflow = ? "

@@ -7,30 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
 from config import Config, load_config
 from state import Store, open_store
 from tasks import pipeline
 from tasks.ingest import ingest_stream
 from tasks.pipeline import PassResult
+from testkit.procs import FLOW, write_config
 
-FLOW = "crm-stream"
-
-
-def write_config(tmp_path: Path, endpoint: str, **dest: Any) -> Path:
-    """A config with one destination at ``endpoint`` (``dest`` overrides its options)."""
-    doc = {
-        "state": "relay.db",
-        "segments": [{"id": "seg-a", "name": "A"}, {"id": "seg-b", "name": "B"}],
-        "destinations": [{"name": "crm", "endpoint": endpoint, "retry_backoff_seconds": 0,
-                          "timeout_seconds": 2, **dest}],
-        "dataflows": [{"name": FLOW, "destination": "crm", "segments": ["seg-a"],
-                       "attributes": ["person.name.firstName"]}],
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+# what the in-process delivery tests want of the destination unless they say otherwise
+FAST = {"retry_backoff_seconds": 0, "timeout_seconds": 2}
 
 
 def fragment(pid: str, first: str = "Ann", status: str | None = "realized") -> bytes:
@@ -51,7 +37,7 @@ def decide(store: Store, config: Config) -> None:
 
 
 def store(tmp_path: Path, endpoint: str, **dest: Any) -> tuple[Config, Store]:
-    config = load_config(write_config(tmp_path, endpoint, **dest))
+    config = load_config(write_config(tmp_path, endpoint, **(FAST | dest)))
     st = open_store(config.state_path)
     decide(st, config)  # registers the dataflow so later changes stream
     return config, st

@@ -20,7 +20,7 @@ from destinations.auth import (
     basic_authorization,
     make_provider,
 )
-from tests.servers import TokenServer
+from testkit.servers import TokenServer
 
 ODD_ID = "a:b"
 ODD_SECRET = "s&c=t%"

@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.receiver import Receiver, first_identity, segment_summary
 from state import open_store
+from testkit.procs import free_port
+from testkit.procs import write_config as write_relay_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RELAY = ROOT / ".venv" / "bin" / "profile-relay"
@@ -30,26 +32,18 @@ def invoke(*args: str) -> Any:
     return runner.invoke(app, list(args))
 
 
+CATALOGUE = [{"id": "seg-a", "name": "First name equals John",
+              "createdAt": 1648553325000, "updatedAt": 1648553330000},
+             {"id": "seg-b", "name": "Unmapped"}]
+
+
 def write_config(path: Path, endpoint: str = "http://127.0.0.1:9/hook",
                  **dest: Any) -> Path:
-    doc = {
-        "state": "relay.db",
-        "segments": [{"id": "seg-a", "name": "First name equals John",
-                      "createdAt": 1648553325000, "updatedAt": 1648553330000},
-                     {"id": "seg-b", "name": "Unmapped"}],
-        "destinations": [{"name": "crm", "endpoint": endpoint, "auth": {"type": "none"},
-                          "timeout_seconds": 5, **dest}],
-        "dataflows": [{"name": "crm-stream", "destination": "crm", "segments": ["seg-a"],
-                       "attributes": ["person.name.firstName", "personalEmail.address"]}],
-    }
-    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """testkit's config at ``path``, with a named, timestamped catalogue and two mapped
+    attributes."""
+    return write_relay_config(path.parent, endpoint, file=path.name, segments=CATALOGUE,
+                              attributes=["person.name.firstName", "personalEmail.address"],
+                              **({"auth": {"type": "none"}} | dest))
 
 
 # --- validate -----------------------------------------------------------------------------
@@ -360,7 +354,7 @@ def test_help_lists_every_command() -> None:
 
 
 async def test_test_send_tls_certificate_problems(tmp_path: Path) -> None:
-    from tests.servers import Endpoint, self_signed_cert, server_ssl_context
+    from testkit.servers import Endpoint, self_signed_cert, server_ssl_context
 
     cert, key = self_signed_cert(tmp_path)
     async with Endpoint(ssl_context=server_ssl_context(cert, key)) as endpoint:
@@ -376,7 +370,7 @@ async def test_test_send_tls_certificate_problems(tmp_path: Path) -> None:
 
 
 async def test_test_send_with_oauth_client_credentials(tmp_path: Path) -> None:
-    from tests.servers import TokenServer
+    from testkit.servers import TokenServer
 
     async with TokenServer(client_auth="basic") as tokens, Receiver() as receiver:
         auth = {"type": "oauth2_client_credentials", "token_url": tokens.token_url,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from prefect import flow
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.backfill import backfill_flow
 from flows.replay import replay_flow
@@ -17,10 +16,9 @@ from tests.relay_fixtures import FLOW, decide, fragment, ingest, store
 pytestmark = pytest.mark.prefect
 
 
-@pytest.fixture(scope="module", autouse=True)
-def harness():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+@pytest.fixture(autouse=True)
+def harness(prefect_harness: None) -> None:
+    """Every test here runs flows on the session's Prefect harness."""
 
 
 async def test_dispatch_task_retries_until_delivered(tmp_path, endpoint):
@@ -84,11 +82,12 @@ async def test_backfill_by_hand_and_replay(tmp_path, endpoint):
     ingest(db, config, fragment("p-1"), fragment("p-2"))
     decide(db, config)
     endpoint.always(500)
-    await stream_flow(config_path, once=True)
+    state = await stream_flow(config_path, once=True, return_state=True)
+    assert state.is_failed() and "2 export(s) ended in the failed store" in state.message
     assert db.db.execute("SELECT count(*) FROM failed_requests").fetchone()[0] == 2
     endpoint.reset()
     result = await replay_flow(config_path, FLOW)
-    assert result == {"resent": 2, "superseded": 0}
+    assert (result["resent"], result["superseded"], result["delivered"]) == (2, 0, 2)
     assert len(endpoint.requests) == 2
     endpoint.reset()
     result = await backfill_flow(config_path, FLOW, "seg-a")

@@ -13,7 +13,6 @@ from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from app.cli import app
@@ -25,10 +24,9 @@ from tests.relay_fixtures import FLOW, fragment, ingest, store
 pytestmark = pytest.mark.prefect
 
 
-@pytest.fixture(scope="module", autouse=True)
-def harness():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+@pytest.fixture(autouse=True)
+def harness(prefect_harness: None) -> None:
+    """Every test here runs flows on the session's Prefect harness."""
 
 
 def cli(*args: str) -> Any:

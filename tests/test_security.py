@@ -8,12 +8,12 @@ import logging
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from config import ConfigError, load_config
 from flows.replay import replay_flow
 from flows.stream import stream_flow
-from tests.relay_fixtures import FLOW, fragment, ingest, store, write_config
+from testkit.procs import write_config
+from tests.relay_fixtures import FLOW, fragment, ingest, store
 
 pytestmark = pytest.mark.prefect
 
@@ -33,10 +33,9 @@ AUTHS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def harness():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+@pytest.fixture(autouse=True)
+def harness(prefect_harness: None) -> None:
+    """Every test here runs flows on the session's Prefect harness."""
 
 
 async def _artifact_text() -> str:
@@ -67,17 +66,17 @@ async def test_no_secret_anywhere_after_runs(kind, tmp_path, endpoint, token_ser
     assert len(endpoint.requests) == 3
     endpoint.always(401, {"X-Echo": bearer})
     ingest(db, config, fragment("p-1", "B"))
-    await stream_flow(config_path, once=True)
+    await stream_flow(config_path, once=True, return_state=True)  # Failed: one refused
     endpoint.reset()
     token_server.revoke_all()
     token_server.fail(20, 500)
     ingest(db, config, fragment("p-2", "C"))
-    await stream_flow(config_path, once=True)
+    await stream_flow(config_path, once=True, return_state=True)
     failed = list(db.db.query("SELECT * FROM failed_requests"))
     # a bearer token needs no token server, so its third change is delivered
     assert len(failed) == (1 if kind == "bearer" else 2)
     assert all(r["last_error"] for r in failed)
-    await replay_flow(config_path, FLOW)
+    await replay_flow(config_path, FLOW, return_state=True)
 
     db.db.conn.execute("PRAGMA wal_checkpoint(FULL)")
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("relay.db*"))

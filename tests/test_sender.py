@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import hashlib
-import hmac
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +17,12 @@ from destinations.outcome import Outcome, classify_status, parse_retry_after
 from destinations.ratelimit import TokenBucket, rate_limit_for
 from destinations.sender import USER_AGENT, Sender, build_url
 from destinations.signing import sign
-from tests.servers import (
+from testkit.servers import (
     Endpoint,
     TokenServer,
     self_signed_cert,
     server_ssl_context,
+    verify_signature,
 )
 
 BODY = b'{"profileId":"p-1","identityMap":{}}'
@@ -105,27 +104,6 @@ def test_user_agent() -> None:
 # -- Standard Webhooks signing ---------------------------------------------------------------
 
 
-def spec_verify(secret: str, headers: dict[str, str], body: bytes, now: int) -> bool:
-    """Written from the Standard Webhooks spec text, independently of destinations.signing.
-
-    The signed content is ``msg_id.timestamp.payload``; the key is the base64 after the
-    ``whsec_`` prefix; the signature header is a space-delimited list of ``v1,<base64
-    HMAC-SHA256>``; the timestamp must be within the tolerance (5 minutes) of now.
-    """
-    msg_id = headers["webhook-id"]
-    timestamp = headers["webhook-timestamp"]
-    if abs(now - int(timestamp)) > 300:
-        return False
-    key = base64.b64decode(secret.split("_", 1)[1])
-    content = msg_id.encode() + b"." + timestamp.encode() + b"." + body
-    expected = base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
-    for entry in headers["webhook-signature"].split(" "):
-        version, _, signature = entry.partition(",")
-        if version == "v1" and hmac.compare_digest(signature, expected):
-            return True
-    return False
-
-
 def test_sign_matches_the_spec_test_vector() -> None:
     """The Standard Webhooks specification's published test vector."""
     headers = sign(
@@ -144,9 +122,9 @@ def test_sign_matches_the_spec_test_vector() -> None:
 def test_sign_verifies_independently() -> None:
     now = int(time.time())
     headers = sign(SIGNING_SECRET, "exp-42", now, BODY)
-    assert spec_verify(SIGNING_SECRET, headers, BODY, now)
-    assert not spec_verify(SIGNING_SECRET, headers, BODY + b" ", now)
-    assert not spec_verify(SIGNING_SECRET, {**headers, "webhook-id": "exp-43"}, BODY, now)
+    assert verify_signature(SIGNING_SECRET, headers, BODY, now)
+    assert not verify_signature(SIGNING_SECRET, headers, BODY + b" ", now)
+    assert not verify_signature(SIGNING_SECRET, {**headers, "webhook-id": "exp-43"}, BODY, now)
 
 
 def test_sign_verifies_with_standardwebhooks_package() -> None:
@@ -165,7 +143,7 @@ async def test_signed_requests_verify(endpoint: Endpoint) -> None:
     req = endpoint.requests[0]
     headers = {k: req.headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
     assert headers["webhook-id"] == "profile-9:v3"
-    assert spec_verify(SIGNING_SECRET, headers, req.body, int(time.time()))
+    assert verify_signature(SIGNING_SECRET, headers, req.body, int(time.time()))
 
 
 # -- delivery ----------------------------------------------------------------------------

@@ -39,3 +39,23 @@ def test_reopening_is_a_no_op(tmp_path):
     versions = [v for (v,) in db.conn.execute("SELECT version FROM schema_version ORDER BY version")]
     assert versions == list(range(1, len(MIGRATIONS) + 1))
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_lease_of_a_process_that_died_on_this_host_is_taken_at_once(tmp_path):
+    """The embedded store lives on one machine: after a crash, the restarted owner need not
+    wait for the lease to run out."""
+    import subprocess
+
+    from state import open_store
+    from state.leases import owner_id
+
+    store = open_store(tmp_path / "relay.db")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    crashed = owner_id("run-1").split(":")
+    crashed[1] = str(dead.pid)
+    epoch = store.acquire_lease("f", 0, ":".join(crashed), ttl_ms=60_000)
+    assert store.acquire_lease("f", 0, owner_id("run-2"), ttl_ms=60_000) == epoch + 1
+    # a live owner keeps its lease until it runs out, whoever asks
+    assert store.acquire_lease("f", 0, owner_id("run-3"), ttl_ms=60_000) is None
+    assert store.acquire_lease("f", 0, "other-host:1:run-x", ttl_ms=60_000) is None

@@ -1,15 +1,16 @@
-"""Process helpers for the reliability tests and the end-to-end bench.
+"""Process helpers for the reliability tests and the end-to-end and soak benchmarks.
 
 Everything here runs real processes on loopback: one shared Prefect server, a recording
-endpoint in its own process (it can be told to refuse connections or answer 500), a steady
-ingest driver, and a polling reader used as the latency floor. Each child runs in its own
-session, so a kill reaches its whole process group and nothing is orphaned.
+endpoint in its own process (``testkit.servers.Endpoint``; it can be told to refuse
+connections or answer 500), a steady ingest driver, and a polling reader used as the
+latency floor. Each child runs in its own session, so a kill reaches its whole process
+group and nothing is orphaned. ``write_config`` writes the relay config they all use.
 
 The children are this module run as a script:
 
-    python -m tests.procs endpoint --ready FILE --record FILE [--mode ok|error|refuse]
-    python -m tests.procs ingest -c CONFIG --rate N --seconds S [--profiles P] [--every T]
-    python -m tests.procs poll --db FILE --interval T --seconds S --out FILE
+    python -m testkit.procs endpoint --ready FILE --record FILE [--mode ok|error|refuse]
+    python -m testkit.procs ingest -c CONFIG --rate N --seconds S [--profiles P] [--every T]
+    python -m testkit.procs poll --db FILE --interval T --seconds S --out FILE
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ ID_NAMESPACE = "crm"
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -160,7 +162,7 @@ class Procs:
     def endpoint(self, record: Path, mode: str = "ok") -> EndpointProc:
         ready = self.logs / f"endpoint-{self.counter + 1}.ready"
         ready.unlink(missing_ok=True)
-        proc = self.start("endpoint", [PYTHON, "-m", "tests.procs", "endpoint", "--ready",
+        proc = self.start("endpoint", [PYTHON, "-m", "testkit.procs", "endpoint", "--ready",
                                        str(ready), "--record", str(record), "--mode", mode])
         info = wait_for(lambda: _read_json(ready) if proc.alive() else
                         _raise(RuntimeError(f"endpoint died: {proc.stderr()[-2000:]}")),
@@ -169,7 +171,7 @@ class Procs:
 
     def ingest(self, config: Path, rate: float, seconds: float, profiles: int,
                every: float = 0.05, seed: int = 1, stats: Path | None = None) -> Proc:
-        args = [PYTHON, "-m", "tests.procs", "ingest", "-c", str(config), "--rate", str(rate),
+        args = [PYTHON, "-m", "testkit.procs", "ingest", "-c", str(config), "--rate", str(rate),
                 "--seconds", str(seconds), "--profiles", str(profiles), "--every", str(every),
                 "--seed", str(seed)]
         if stats is not None:
@@ -177,7 +179,7 @@ class Procs:
         return self.start("ingest", args)
 
     def poller(self, db: Path, interval: float, seconds: float, out: Path) -> Proc:
-        return self.start("poll", [PYTHON, "-m", "tests.procs", "poll", "--db", str(db),
+        return self.start("poll", [PYTHON, "-m", "testkit.procs", "poll", "--db", str(db),
                                    "--interval", str(interval), "--seconds", str(seconds),
                                    "--out", str(out)])
 
@@ -331,107 +333,97 @@ def read_record(path: Path) -> list[Received]:
 
 
 async def _serve_endpoint(ready: Path, record: Path, mode: str) -> None:
+    """``testkit.servers.Endpoint`` in this process, appending one line per answered request
+    to ``record`` and keeping no request in memory; a control port sets the mode and reads
+    the counts."""
     import asyncio
 
     import orjson
     from aiohttp import web
 
-    state: dict[str, Any] = {"mode": mode, "received": 0, "ok": 0, "error": 0, "cut": 0,
-                             "last_ms": 0}
+    from testkit.servers import Endpoint, LoopbackServer, Recorded
+
     out = record.open("a", buffering=1 << 16)
+    counts: dict[str, Any] = {"mode": mode, "received": 0, "ok": 0, "error": 0, "last_ms": 0}
 
-    async def hook(request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        now = time.time_ns() // 1_000_000
-        if state["mode"] == "refuse":  # an open keep-alive connection: cut it
-            state["cut"] += 1
-            if request.transport is not None:
-                request.transport.abort()
-            raise asyncio.CancelledError
-        status = 500 if state["mode"] == "error" else 200
-        try:
-            profile = orjson.loads(body)["identityMap"][ID_NAMESPACE][0]["id"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            profile = "-"
-        out.write(f"{now}\t{request.headers.get('X-Relay-Sequence', '-1')}\t"
-                  f"{request.headers.get('Idempotency-Key', '-')}\t{profile}\t{status}\n")
-        state["received"] += 1
-        state["ok" if status == 200 else "error"] += 1
-        state["last_ms"] = now
-        return web.Response(status=status, body=b'{"ok":true}' if status == 200 else b"{}",
-                            content_type="application/json")
+    class Recording(Endpoint):
+        def answered(self, request: Recorded, status: int) -> None:
+            now = time.time_ns() // 1_000_000
+            try:
+                profile = orjson.loads(request.body)["identityMap"][ID_NAMESPACE][0]["id"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                profile = "-"
+            out.write(f"{now}\t{request.headers.get('X-Relay-Sequence', '-1')}\t"
+                      f"{request.headers.get('Idempotency-Key', '-')}\t{profile}\t{status}\n")
+            counts["received"] += 1
+            counts["ok" if status == 200 else "error"] += 1
+            counts["last_ms"] = now
 
-    runner = web.AppRunner(_app(web, hook), access_log=None, handler_cancellation=True,
-                           shutdown_timeout=0.2)
-    await runner.setup()
-    site: web.TCPSite | None = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    endpoint = Recording(keep_requests=False)
+
+    async def set_mode(new: str) -> None:
+        if new == "refuse":
+            await endpoint.refuse()
+        else:
+            endpoint.always(500 if new == "error" else 200)
+            await endpoint.accept()
+        counts["mode"] = new
 
     async def control(request: web.Request) -> web.Response:
-        nonlocal site
         if request.path == "/mode":
             new = request.query["set"]
             if new not in ("ok", "error", "refuse"):
                 raise web.HTTPBadRequest(text=f"unknown mode {new}")
-            if new == "refuse" and site is not None:
-                await site.stop()
-                site = None
-            elif new != "refuse" and site is None:
-                site = web.TCPSite(runner, "127.0.0.1", port)
-                await site.start()
-            state["mode"] = new
+            await set_mode(new)
         out.flush()
-        return web.json_response(state)
+        return web.json_response({**counts, "cut": endpoint.dropped})
 
-    ctl = web.AppRunner(_app(web, control), access_log=None)
-    await ctl.setup()
-    ctl_site = web.TCPSite(ctl, "127.0.0.1", 0)
-    await ctl_site.start()
-    if mode == "refuse":
-        await site.stop()
-        site = None
-    tmp = ready.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"port": port, "control": ctl.addresses[0][1]}))
-    tmp.rename(ready)
+    class Control(LoopbackServer):
+        def _app(self) -> web.Application:
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", control)
+            return app
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.2)
-        out.flush()
-    out.flush()
-    out.close()
-    await ctl.cleanup()
-    await runner.cleanup()
+    async with endpoint, Control() as ctl:
+        await set_mode(mode)
+        tmp = ready.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": endpoint.port, "control": ctl.port}))
+        tmp.rename(ready)
 
-
-def _app(web: Any, handler: Any) -> Any:
-    app = web.Application(client_max_size=4 << 20)
-    app.router.add_route("*", "/{tail:.*}", handler)
-    return app
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+            out.flush()
+    out.close()  # both servers are down: nothing more to write
 
 
 # --- config and store ---------------------------------------------------------------------
 
 
-def write_config(directory: Path, endpoint_url: str, **dest: Any) -> Path:
-    """One destination, one dataflow mapping ``seg-a`` and ``person.name.firstName``."""
+SEGMENTS = ({"id": SEGMENT, "name": "A"}, {"id": "seg-b", "name": "B"})
+
+
+def write_config(directory: Path, endpoint: str, *, file: str = "config.yaml",
+                 segments: Sequence[dict[str, Any]] = SEGMENTS,
+                 attributes: Sequence[str] = ("person.name.firstName",), **dest: Any) -> Path:
+    """``directory/file``: the ``segments`` catalogue, one destination ``crm`` at ``endpoint``
+    (``dest``: its options; a 5 s timeout unless given), one dataflow ``FLOW`` mapping
+    ``seg-a`` and ``attributes``; the store is ``relay.db`` beside it."""
     import yaml
 
     doc = {
-        "state": str(directory / "relay.db"),
-        "segments": [{"id": SEGMENT, "name": "A"}],
-        "destinations": [{"name": "crm", "endpoint": endpoint_url, "max_in_flight": 64,
-                          "timeout_seconds": 5, **dest}],
+        "state": "relay.db",
+        "segments": list(segments),
+        "destinations": [{"name": "crm", "endpoint": endpoint, "timeout_seconds": 5, **dest}],
         "dataflows": [{"name": FLOW, "destination": "crm", "segments": [SEGMENT],
-                       "attributes": ["person.name.firstName"]}],
+                       "attributes": list(attributes)}],
     }
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(doc))
+    path = directory / file
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -448,11 +440,17 @@ def query(db_path: Path, sql: str, *args: Any) -> list[tuple]:
 
 def dataflow_cursor(db_path: Path) -> int | None:
     """The dataflow's cursor, or None while no stream run has registered it."""
-    try:
-        rows = query(db_path, "SELECT cursor FROM dataflows WHERE name = ?", FLOW)
-    except Exception:  # the file or table does not exist yet
+    from state import open_store
+
+    if not db_path.exists():
         return None
-    return rows[0][0] if rows else None
+    store = open_store(db_path)
+    try:
+        return store.cursor(FLOW)
+    except KeyError:
+        return None
+    finally:
+        store.close()
 
 
 # --- the ingest driver --------------------------------------------------------------------
@@ -521,8 +519,11 @@ def _ingest(config: Path, rate: float, seconds: float, profiles: int, every: flo
 # --- the polling reader (latency floor) ---------------------------------------------------
 
 
+POLL_PAGE = 100_000
+
+
 def _poll(db_path: Path, interval: float, seconds: float, out_path: Path) -> None:
-    import sqlite3
+    from state import open_store
 
     stopping = False
 
@@ -532,22 +533,22 @@ def _poll(db_path: Path, interval: float, seconds: float, out_path: Path) -> Non
 
     signal.signal(signal.SIGTERM, on_term)
     wait_for(db_path.exists, 60, what="the state file")
-    conn = sqlite3.connect(str(db_path), timeout=60)
-    conn.execute("PRAGMA busy_timeout = 60000")
-    wait_for(lambda: conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'changes'")
-             .fetchone(), 60, what="the changes table")
-    cursor = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+    store = open_store(db_path)
+    cursor = store.head_seq()
     latencies: list[int] = []
     started = time.monotonic()
     while not stopping and time.monotonic() - started < seconds:
         tick = time.monotonic()
-        rows = conn.execute("SELECT seq, committed_at FROM changes WHERE seq > ? ORDER BY seq",
-                            (cursor,)).fetchall()
+        rows: list[tuple] = []
+        while page := store.read_changes(cursor, POLL_PAGE):  # (seq, profile, committed_at, ...)
+            rows += page
+            cursor = page[-1][0]
+            if len(page) < POLL_PAGE:
+                break
         now = time.time_ns() // 1_000_000
-        if rows:
-            latencies.extend(now - committed for _, committed in rows)
-            cursor = rows[-1][0]
+        latencies.extend(now - row[2] for row in rows)
         time.sleep(max(0.0, interval - (time.monotonic() - tick)))
+    store.close()
     out_path.write_text(json.dumps(latencies))
 
 
@@ -571,7 +572,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.procs")
+    parser = argparse.ArgumentParser(prog="python -m testkit.procs")
     sub = parser.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("endpoint")
     e.add_argument("--ready", type=Path, required=True)

@@ -1,6 +1,8 @@
-"""Real loopback servers for tests: an endpoint that can be told to misbehave and an
-OAuth 2 token server. Both are ``aiohttp.web`` apps on 127.0.0.1 with a random port, so
-tests exercise our real client code over real sockets.
+"""Real loopback servers for the tests and the benchmarks: an endpoint that can be told to
+misbehave and an OAuth 2 token server. Both are ``aiohttp.web`` apps on 127.0.0.1 with a
+random port, so tests exercise our real client code over real sockets. The endpoint also
+runs in a process of its own (``testkit.procs``), and ``verify_signature`` checks a
+request's Standard Webhooks signature as a receiver would.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ import secrets
 import ssl
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, NoReturn, Self
 from urllib.parse import unquote_plus
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDictProxy
+
+from app.demo import webhook_problem
 
 
 @dataclass
@@ -45,13 +50,15 @@ class _Action:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class _Server:
-    """Start/stop plumbing shared by the two servers."""
+class LoopbackServer:
+    """Start/stop plumbing of an ``aiohttp.web`` app on 127.0.0.1 (a free port, or ``port``);
+    subclasses say what the app is (``_app``)."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, port: int = 0) -> None:
         self._ssl = ssl_context
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self._site: web.TCPSite | None = None
+        self.port = port
 
     def _app(self) -> web.Application:
         raise NotImplementedError
@@ -67,15 +74,27 @@ class _Server:
             self._app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.2
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        await self.listen()
         return self
+
+    async def listen(self) -> None:
+        """Accept connections (again, on the same port, after ``stop_listening``)."""
+        if self._site is None and self._runner is not None:
+            self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ssl)
+            await self._site.start()
+            self.port = self._runner.addresses[0][1]
+
+    async def stop_listening(self) -> None:
+        """Refuse new connections; those already open stay open."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._site = None
 
     async def __aenter__(self) -> Self:
         return await self.start()
@@ -89,16 +108,22 @@ class _Server:
         await self.stop()
 
 
-class Endpoint(_Server):
+class Endpoint(LoopbackServer):
     """A webhook receiver that records every request and can be scripted to fail.
 
     Scripted actions (``fail``, ``retry_after``, ``drop``, ``unauthorized``) apply to the
-    next requests in order; ``always``, ``delay`` and ``expect_bearer`` hold until reset.
+    next requests in order; ``always``, ``delay`` and ``expect_bearer`` hold until reset;
+    ``refuse`` closes it to connections until ``accept``. ``keep_requests=False`` keeps no
+    request in memory (a long run's); a subclass sees each answer in ``answered``.
     """
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, *,
+                 keep_requests: bool = True) -> None:
         super().__init__(ssl_context)
+        self.keep_requests = keep_requests
         self.requests: list[Recorded] = []
+        self.refusing = False
+        self.dropped = 0  # connections cut instead of answering
         self.reset()
 
     @property
@@ -138,19 +163,41 @@ class Endpoint(_Server):
         self.status = status
         self.response_headers = headers or {}
 
+    async def refuse(self) -> None:
+        """Stop listening, so connections are refused, and cut the requests that still
+        arrive on connections already open (an endpoint going down)."""
+        self.refusing = True
+        await self.stop_listening()
+
+    async def accept(self) -> None:
+        """Listen again, on the same port, after :meth:`refuse`."""
+        self.refusing = False
+        await self.listen()
+
+    def answered(self, request: Recorded, status: int) -> None:
+        """Called with each request answered (not with one cut off); for subclasses."""
+
+    def _cut(self, request: web.Request) -> NoReturn:
+        self.dropped += 1
+        assert request.transport is not None
+        request.transport.abort()
+        raise asyncio.CancelledError  # nothing more to write; the client sees a disconnect
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self.requests.append(
-            Recorded(
-                request.method,
-                request.path,
-                list(request.query.items()),
-                request.headers,
-                body,
-                time.monotonic(),
-                request.transport.get_extra_info("peername") if request.transport else None,
-            )
+        recorded = Recorded(
+            request.method,
+            request.path,
+            list(request.query.items()),
+            request.headers,
+            body,
+            time.monotonic(),
+            request.transport.get_extra_info("peername") if request.transport else None,
         )
+        if self.refusing:
+            self._cut(request)
+        if self.keep_requests:
+            self.requests.append(recorded)
         if self.delay:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -160,9 +207,7 @@ class Endpoint(_Server):
                 self.in_flight -= 1
         action = self._script.popleft() if self._script else None
         if action is not None and action.kind == "drop":
-            assert request.transport is not None
-            request.transport.abort()
-            raise asyncio.CancelledError  # nothing more to write; the client sees a disconnect
+            self._cut(request)
         if action is None and self.expect_bearer is not None:
             auth = request.headers.get("Authorization", "")
             token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
@@ -170,6 +215,7 @@ class Endpoint(_Server):
                 action = _Action("status", 401, {"WWW-Authenticate": "Bearer"})
         if action is None:
             action = _Action("status", self.status, self.response_headers)
+        self.answered(recorded, action.status)
         return web.Response(
             status=action.status,
             headers=action.headers,
@@ -194,7 +240,7 @@ class TokenCall:
     status: int
 
 
-class TokenServer(_Server):
+class TokenServer(LoopbackServer):
     """An OAuth 2 token endpoint (RFC 6749) at ``/token`` that checks what clients send.
 
     ``client_auth`` says how the client must authenticate: ``"body"`` (client_id and
@@ -390,11 +436,22 @@ def server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
+def verify_signature(secret: str, headers: Mapping[str, str], body: bytes,
+                     now: int | None = None) -> bool:
+    """Whether ``body`` carries a valid Standard Webhooks signature under ``secret``, its
+    timestamp within the spec's tolerance of ``now`` (default: the clock). The check is
+    ``app.demo.webhook_problem``, written from the spec text independently of
+    ``destinations.signing``: the demo's receiver and the tests verify the same way."""
+    return webhook_problem(secret, headers, body, now) is None
+
+
 __all__ = [
     "Endpoint",
+    "LoopbackServer",
     "Recorded",
     "TokenCall",
     "TokenServer",
     "self_signed_cert",
     "server_ssl_context",
+    "verify_signature",
 ]
