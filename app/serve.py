@@ -1,24 +1,36 @@
-"""`profile-relay serve`: the stream, backfill and replay deployments, served from this process.
+"""`profile-relay serve`: the stream, backfill and replay deployments, served from this process
+(and :func:`pool_values`, a build step of the work-pool deployments in ``prefect.yaml``).
+
+Deployment names: ``stream``, ``backfill`` and ``replay`` (``replay-<dataflow>`` when the
+config has several dataflows); the work pool's are ``stream-pool``, ``backfill-pool`` and
+``replay-pool``, so neither replaces the other on a shared Prefect server.
 
 The stream flow is one long run that ends itself after ``run_seconds``; its deployment has
 an interval schedule of the same length, anchored at the moment ``serve`` starts, so the
-first run starts at once and each next one as the last ends (consecutive runs may overlap
-for a moment, which the stream flow is built for: a batch whose cursor another run moved is
-dropped and re-read). There is deliberately no deployment concurrency limit: its slot
-lives in the server's database while its lease lives in the server's memory, so a server
-stopped during a run (as serve's own server is) leaks the slot and no stream run would
-ever start again. Backfill has no schedule (start it from the UI or ``prefect deployment
+first run starts at once and each next one as the last ends. A stream run owns its
+dataflows through a lease in the store: the next scheduled run waits (up to 90 s) for the
+ending one to let go and takes over, and an extra run (started by hand, say) finds the
+lease held and ends Completed without doing anything. There is deliberately no deployment
+concurrency limit: its slot lives in the server's database while its lease lives in the
+server's memory, so a server stopped during a run (as serve's own server is) leaks the
+slot and no stream run would ever start again. Backfill has no schedule (start it from the UI or ``prefect deployment
 run``); replay runs every 15 minutes. Parameters point at the config's absolute path, so
-runs work whatever directory the runner starts them in.
+runs work whatever directory the runner starts them in, and ``dataflow`` is a choice of
+the config's dataflows in the UI's run form (the server rejects any other name).
 
 Served runs execute in child processes, which must reach the same Prefect API as this
 one; Prefect's temporary in-process server (what flows use when no ``PREFECT_API_URL`` is
 set) is private to the process that started it and runs no scheduler. So without a
 ``PREFECT_API_URL``, ``serve`` uses a Prefect server already answering on
-127.0.0.1:4200, or starts ``prefect server start`` on loopback (UI included) for as long
-as it runs. This process also asks the API to schedule the next runs of its deployments,
-at once and every minute, so the first stream run starts immediately; scheduled runs
-carry idempotency keys, so the server's own scheduler never duplicates them.
+127.0.0.1:4200, or starts ``prefect server start`` on loopback (UI included, its API
+address set to the port it listens on) for as long as it runs. This process also asks the
+API to schedule the next runs of its deployments, at once and every minute, so the first
+stream run starts immediately; scheduled runs carry idempotency keys, so the server's own
+scheduler never duplicates them.
+
+Ctrl-C or SIGTERM stops serve within seconds: the runs in flight are cancelled through
+the API (they end Cancelled, their leases released), the schedules are paused, and the
+server serve started, if any, stops last.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ from config import Config
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
+    from prefect.runner import Runner
 
 REPLAY_CRON = "*/15 * * * *"
 TAGS = ["profile-relay"]
@@ -101,7 +114,26 @@ def build_deployments(config_path: Path, config: Config, interval: float = 2.0,
             parameters={"config_path": path, "dataflow": flow_.name}, tags=TAGS,
             entrypoint_type=module, paused=False,
             description=f"Replay the failed-request store of {flow_.name}."))
+    names = [f.name for f in config.dataflows]
+    for deployment in deployments:
+        offer_dataflows(deployment, names)
     return deployments
+
+
+def offer_dataflows(deployment: RunnerDeployment, names: list[str]) -> None:
+    """Make the ``dataflow`` parameter a choice of ``names`` in the deployment's parameter
+    schema (a select in the UI's run form; the server rejects other values, since the
+    schema is enforced). The descriptions come from the flows' docstrings."""
+    schema = deployment._parameter_openapi_schema  # the schema to_deployment derived
+    prop = schema.properties.get("dataflow")
+    if prop is None:
+        return
+    choice = {"type": "string", "enum": list(names)}
+    if "anyOf" in prop:  # optional (stream): empty means every dataflow
+        prop["anyOf"] = [choice, {"type": "null"}]
+    else:
+        prop.pop("type", None)
+        prop.update(choice)
 
 
 async def keep_scheduled(deployment_ids: list[UUID], first_start: datetime) -> None:
@@ -169,20 +201,44 @@ async def aserve(deployments: list[RunnerDeployment], anchor: datetime,
     if on_ready:
         on_ready(names)
     started = asyncio.create_task(runner.start())
-    await asyncio.sleep(0)  # start() has installed its SIGTERM handler: replace it with
-    # Ctrl-C's behaviour (cancel, then the runner's own clean exit), which stops in-flight
-    # runs without their processes printing a termination traceback
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        if main is not None and threading.current_thread() is threading.main_thread():
-            loop.add_signal_handler(signal.SIGTERM, main.cancel)
-    try:
-        await started
-    finally:
+    await asyncio.sleep(0)  # start() has installed its own SIGTERM handler; ours replace it
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        """First Ctrl-C or SIGTERM: stop the runner, cancelling the runs in flight through
+        the API (each ends Cancelled, its process gone). A second one: stop at once."""
         keeper.cancel()
+        if stopping or not runner.started:
+            started.cancel()
+            return
+        logger.info("stopping: cancelling the runs in flight")
+        stopping.append(asyncio.create_task(_stop_runner(runner, started)))
+
+    loop = asyncio.get_running_loop()
+    handled: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop)
+                handled.append(sig)
+    try:
         with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+            await started
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        keeper.cancel()
+        for task in [keeper, *stopping]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _stop_runner(runner: Runner, started: asyncio.Task[None]) -> None:
+    try:
+        await runner.astop()
+    except Exception as exc:  # the runner is gone already: stop what is left
+        logger.warning("could not stop the runner cleanly: %s", exc)
+        started.cancel()
 
 
 class ServerError(RuntimeError):
@@ -212,6 +268,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_env(port: int) -> dict[str, str]:
+    """The environment of the ``prefect server start`` serve runs on 127.0.0.1:``port``.
+
+    ``--port`` alone moves the API but not the address the UI calls: that comes from
+    ``PREFECT_UI_API_URL``, which defaults to port 4200, so the UI of a server on any other
+    port would show nothing. Setting the server's port setting too keeps its own links
+    (and anything else derived from it) on the right port."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_UI_URL": f"http://127.0.0.1:{port}"}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 @contextlib.contextmanager
 def prefect_api(echo: Callable[[str], None] = print, server_port: int | None = None
                 ) -> Iterator[str]:
@@ -236,8 +307,7 @@ def prefect_api(echo: Callable[[str], None] = print, server_port: int | None = N
     api_url = f"http://127.0.0.1:{port}/api"
     echo(f"starting a local Prefect server on 127.0.0.1:{port} (UI: http://127.0.0.1:{port}); "
          "it stops with serve")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    env.pop("PREFECT_API_URL", None)
+    env = server_env(port)
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
@@ -289,3 +359,50 @@ def serve(config_path: Path, config: Config, interval: float = 2.0, run_seconds:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+
+
+# --- the work pool (prefect.yaml) --------------------------------------------------------
+
+POOL_STREAM_DEPLOYMENT = "profile-relay-stream/stream-pool"
+FIRST_RUN_DELAY_SECONDS = 15.0  # the server schedules a new deployment's runs within 5 s
+
+
+def pool_values(stream_deployment: str = POOL_STREAM_DEPLOYMENT) -> dict[str, str]:
+    """A ``prefect deploy`` build step (``prefect.yaml``): values resolved at deploy time.
+
+    ``directory``: the directory ``prefect deploy`` runs in (the checkout). The pull step
+    makes it the working directory of the flow runs, so a relative ``config_path`` is read
+    there; no environment variable has to be set by hand.
+
+    ``stream_anchor``: where the stream schedule's intervals start. While a run of the
+    stream deployment is running (a re-deploy), the start of the newest one, so the next
+    run still comes as that one ends and takes over; otherwise a few seconds from now, so
+    the first run starts at once (an interval schedule anchored at the moment of deploying
+    would first run one interval later)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+
+    anchor = datetime.now(UTC) + timedelta(seconds=FIRST_RUN_DELAY_SECONDS)
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(stream_deployment)
+        except ObjectNotFound:
+            deployment = None
+        if deployment is not None:
+            running = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+            starts = [r.start_time for r in running if r.start_time is not None]
+            if starts:
+                anchor = max(starts)
+    return {"directory": str(Path.cwd().resolve()),
+            "stream_anchor": anchor.astimezone(UTC).isoformat(timespec="seconds")}
