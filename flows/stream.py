@@ -61,6 +61,15 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     totals = {f.name: PassResult() for f in flows_}
     started, started_ms = time.monotonic(), now_ms()
     last_summary = started
+    # The run ends run_seconds after it was scheduled to start, not after it got the
+    # lease: with run_seconds equal to the schedule's interval, each run hands over to
+    # the next on the tick, and a run that waited for its predecessor does not push the
+    # hand-overs later and later.
+    scheduled = runtime.flow_run.scheduled_start_time
+    late = max(0.0, time.time() - scheduled.timestamp()) if scheduled is not None else 0.0
+    if late >= run_seconds / 2:  # started long after its tick (a worker was down): a full run
+        late = 0.0
+    ends_at = started + run_seconds - late
     try:
         while True:
             tick = time.monotonic()
@@ -68,7 +77,7 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
                 if once or pipeline.has_work(store, flow_):
                     await dispatch(store, config, flow_, totals[flow_.name], settle=once)
             now = time.monotonic()
-            if once or now - started >= run_seconds:
+            if once or now >= ends_at:
                 break
             if not once and not all(store.acquire_lease(f.name, LEASE_GROUP, owner, ttl_ms)
                                     for f in flows_):
