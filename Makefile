@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup test test-slow test-ops test-browser lint demo bench clean
+.PHONY: setup test test-slow test-ops test-browser browser-deps lint demo bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ lint: setup
 test: setup lint
 	$(BIN)/pytest
 
-test-slow: setup
+test-slow: setup browser-deps
 	$(BIN)/pytest -m slow
 
 # Operations, against real Prefect servers (about 5 minutes): the work pool of prefect.yaml
@@ -31,10 +31,12 @@ test-ops: setup
 
 # The Prefect UI of `serve --prefect-port` in headless Chromium (Debian's package; Playwright's
 # own browser download is not used). Screenshots go to docs/screenshots/.
-test-browser: setup
+test-browser: setup browser-deps
+	$(BIN)/pytest -m slow tests/test_browser.py
+
+browser-deps: setup
 	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/pip install -q playwright
-	$(BIN)/pytest -m slow tests/test_browser.py
 
 demo: setup
 	$(BIN)/profile-relay demo
