@@ -4,7 +4,7 @@ In a scratch folder: a config with one dataflow to a local receiver (started in-
 a free port), the bundled sample profiles ingested, the stream flow run once (the new
 dataflow's backfill delivers every qualified profile), then a handful of changes that the
 spec treats differently, the stream flow run once more, and for each change what reached
-the receiver and why. The receiver's requests are checked against what the spec says
+the receiver and why. The receiver's requests are checked against what the export rules say
 must arrive; any difference makes the demo fail.
 """
 
@@ -126,7 +126,7 @@ def _expect_equal(label: str, keys: tuple[str, ...], want: Any
 
 
 def changes(now: str) -> list[Change]:
-    """The changes of step 2, one profile each, with what the spec says they cause."""
+    """The changes of step 2, one profile each, with what the export rules say they cause."""
     def frag(pid: str, **parts: Any) -> dict[str, Any]:
         return {"profileId": pid, "timestamp": now, **parts}
 
@@ -139,7 +139,7 @@ def changes(now: str) -> list[Change]:
                lambda b: f"person.name.firstName = {_get(b, 'person', 'name', 'firstName')!r}"),
         Change("unmapped attribute written", "p-0002",
                frag("p-0002", attributes={"loyalty": {"points": 777}}), False,
-               "unmapped attribute: no export (as the spec says: writes to unmapped "
+               "unmapped attribute: no export (as the export rules say: writes to unmapped "
                "attributes trigger nothing)"),
         Change("segment exit", "p-0003",
                frag("p-0003", segmentMembership={"ups": {"seg-vip": {

@@ -410,7 +410,7 @@ async def test_demo_runs_end_to_end(tmp_path: Path, prefect_home: Path) -> None:
     text = out.decode()
     assert proc.returncode == 0, text + errors.decode()
     assert "demo OK: the receiver got exactly the 30 expected requests" in text
-    assert "unmapped attribute: no export (as the spec says" in text
+    assert "unmapped attribute: no export (as the export rules say" in text
     assert "Traceback" not in errors.decode(), errors.decode()
     assert not (scratch / "leftover.txt").exists()
     recorded = [orjson.loads(x) for x in (scratch / "receiver.ndjson").read_bytes().splitlines()]
