@@ -122,7 +122,7 @@ def build_deployments(config_path: Path, config: Config, interval: float = 2.0,
 
 def offer_dataflows(deployment: RunnerDeployment, names: list[str]) -> None:
     """Make the ``dataflow`` parameter a choice of ``names`` in the deployment's parameter
-    schema (a select in the UI's run form; the server rejects other values, since the
+    schema (a drop-down in the UI's run form; the server rejects other values, since the
     schema is enforced). The descriptions come from the flows' docstrings."""
     schema = deployment._parameter_openapi_schema  # the schema to_deployment derived
     prop = schema.properties.get("dataflow")
