@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 import flows  # noqa: F401  (first: Prefect's offline and start-up settings)
-from config import Config, ConfigError, inline_secrets, load_config
+from config import Config, ConfigError, identity_warnings, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stream customer profiles to HTTP endpoints.")
@@ -34,6 +34,18 @@ def _config(path: Path) -> Config:
 
 
 def _run(coro: object) -> object:
+    """Run a command's coroutine. A flow run without PREFECT_API_URL starts Prefect's
+    temporary server: its first start in a PREFECT_HOME is made first, under a file lock,
+    so that commands started at once do not race to set up the same database."""
+    frame = getattr(coro, "cr_frame", None)
+    if frame is not None and str(frame.f_globals.get("__name__", "")).startswith("prefect."):
+        from app.tempserver import start_temporary_server
+
+        try:
+            start_temporary_server()
+        except BaseException:
+            coro.close()  # type: ignore[attr-defined]
+            raise
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
@@ -56,12 +68,19 @@ def _finish(state: Any) -> None:
 def validate(config: ConfigOpt) -> None:
     """Check the config; exit 2 with each problem and its field path when invalid."""
     cfg = _config(config)
-    import yaml
-
-    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    for field in inline_secrets(raw):
+    for field in cfg.inline_secret_fields:
         err.print(f"warning: {field} is written inline; prefer ${{ENV_VAR}} or a Prefect "
                   "Secret block reference", markup=False)
+    for line in identity_warnings(cfg):
+        err.print(f"warning: {line}", markup=False)
+    if any(d.template is not None for d in cfg.destinations):
+        from tasks.sample import template_problems
+
+        if problems := template_problems(cfg):
+            err.print(f"[bold red]invalid config[/] {config}:", markup=True)
+            for field, message in problems:
+                err.print(f"  {field}: {message}", markup=False)
+            raise typer.Exit(2)
     out.print(f"{config}: valid ({len(cfg.segments)} segment(s), {len(cfg.destinations)} "
               f"destination(s), {len(cfg.dataflows)} dataflow(s); state {cfg.state_path})",
               markup=False)
@@ -156,32 +175,131 @@ def replay(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="datafl
 @app.command()
 def status(config: ConfigOpt,
            as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False) -> None:
-    """Per dataflow: pending, delivered, failed, lag, latency p50/p95 (last hour)."""
+    """Per dataflow: pending, delivered, failed, skipped, lag, latency p50/p95 (last hour).
+
+    Dataflows removed from the config whose state is still stored are listed as removed;
+    skipped are exports closed without a request, by reason."""
     from rich.table import Table
 
     from state import open_store
 
     cfg = _config(config)
     store = open_store(cfg.state_path)
-    stats = [store.stats(f.name) for f in cfg.dataflows]
+    names = [f.name for f in cfg.dataflows]
+    removed = [f.name for f in store.stored_dataflows() if f.name not in names]
+    stats = [store.stats(name) for name in names + removed]
+    states = {s.dataflow: "removed" if s.dataflow in removed else
+              "active" if s.known else "not started" for s in stats}
     if as_json:
-        out.print_json(data={"dataflows": [s.as_dict() for s in stats]})
+        out.print_json(data={"dataflows": [{**s.as_dict(), "state": states[s.dataflow]}
+                                           for s in stats]})
         return
     table = Table(title="profile-relay status (deliveries and latency: last hour)")
-    for col in ("dataflow", "lag", "pending", "retrying", "delivered", "failed", "p50 ms",
-                "p95 ms", "last error"):
+    for col in ("dataflow", "lag", "pending", "retrying", "delivered", "failed", "skipped",
+                "p50 ms", "p95 ms", "last error"):
         table.add_column(col)
     for s in stats:
-        table.add_row(s.dataflow + ("" if s.known else " (not started)"),
+        state = states[s.dataflow]
+        table.add_row(s.dataflow + ("" if state == "active" else f" ({state})"),
                       f"{s.lag_changes} / {s.lag_seconds:.1f}s", str(s.pending), str(s.retrying),
-                      str(s.delivered), str(s.failed), str(s.latency_p50_ms or "-"),
-                      str(s.latency_p95_ms or "-"), (s.last_error or "")[:60])
+                      str(s.delivered), str(s.failed), str(sum(s.skipped.values())),
+                      str(s.latency_p50_ms or "-"), str(s.latency_p95_ms or "-"),
+                      (s.last_error or "")[:60])
     out.print(table)
+    for s in stats:
+        if s.skipped:
+            out.print(f"{s.dataflow}: skipped (closed without a request): " + ", ".join(
+                f"{n} {why}" for why, n in s.skipped.items()), markup=False)
+    if removed:
+        out.print(f"removed from the config, state kept: {', '.join(removed)} (`profile-relay "
+                  "dataflows drop -c CONFIG NAME` erases one)", markup=False)
+
+
+@app.command()
+def forget(config: ConfigOpt,
+           profile_ids: Annotated[list[str] | None, typer.Argument(
+               help="profile ids to erase", show_default=False)] = None,
+           file: Annotated[Path | None, typer.Option(
+               "--file", help="a file of profile ids, one a line")] = None) -> None:
+    """Erase profiles everywhere and print what was erased.
+
+    The profile, its memberships, change log, queued exports, dataflow snapshots, failed
+    store entries and delivery records, in one transaction; a later fragment for the same
+    id starts a new profile."""
+    from state import open_store
+    from tasks.lifecycle import LifecycleError, forget_profiles
+
+    cfg = _config(config)
+    ids = list(profile_ids or [])
+    if file is not None:
+        try:
+            ids += [line.strip() for line in file.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            err.print(f"error: cannot read {file}: {getattr(exc, 'strerror', None) or exc}",
+                      markup=False)
+            raise typer.Exit(2) from None
+    if not ids:
+        err.print("error: no profile ids: give them as arguments or with --file", markup=False)
+        raise typer.Exit(2)
+    store = open_store(cfg.state_path)
+    try:
+        done = forget_profiles(store, ids)
+    except LifecycleError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(1) from None
+    finally:
+        store.close()
+    unique = len(set(ids))
+    found = done.counts.get("profiles", 0)
+    out.print(f"forgot {found} of {unique} profile(s)"
+              + (f"; {unique - found} not in the store" if found < unique else "")
+              + "; erased:", markup=False)
+    for kind, count in done.counts.items():
+        out.print(f"  {kind:<20} {count}", markup=False)
+    if done.rewritten:
+        out.print("the store's file was rewritten once (VACUUM) to clear what earlier versions "
+                  "deleted without overwriting", markup=False)
+    if not done.wal_truncated:
+        err.print("warning: another process was reading the store: its write-ahead log still "
+                  "holds erased pages until the next checkpoint", markup=False)
+
+
+dataflows_app = typer.Typer(no_args_is_help=True, help="Stored dataflows: drop a removed "
+                            "dataflow's state.")
+app.add_typer(dataflows_app, name="dataflows")
+
+
+@dataflows_app.command("drop")
+def dataflows_drop(config: ConfigOpt,
+                   name: Annotated[str, typer.Argument(help="a dataflow no longer in the config")],
+                   ) -> None:
+    """Erase the state of a dataflow removed from the config.
+
+    Refused for a dataflow still in the config. Added again after a drop, a dataflow
+    starts afresh (with a backfill)."""
+    from state import open_store
+    from tasks.lifecycle import LifecycleError, drop_dataflow
+
+    cfg = _config(config)
+    store = open_store(cfg.state_path)
+    try:
+        counts = drop_dataflow(store, cfg, name)
+    except LifecycleError as exc:
+        err.print(f"error: {exc}", markup=False)
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+    out.print(f"dropped dataflow {name!r}; erased: " + ", ".join(
+        f"{kind} {count}" for kind, count in counts.items()), markup=False)
 
 
 @app.command("test-send")
 def test_send(config: ConfigOpt,
-              destination: Annotated[str, typer.Option(help="destination name")]) -> None:
+              destination: Annotated[str, typer.Option(help="destination name")],
+              dry_run: Annotated[bool, typer.Option(
+                  "--dry-run", help="print the request (headers, exact body) without sending")
+              ] = False) -> None:
     """Send one sample profile and print the answer; exit non-zero unless it is 2xx."""
     cfg = _config(config)
     try:
@@ -190,9 +308,19 @@ def test_send(config: ConfigOpt,
         err.print(f"error: {exc.args[0]}; known: {[d.name for d in cfg.destinations]}",
                   markup=False)
         raise typer.Exit(2) from None
-    from tasks.sample import send_sample
+    from tasks.body import TemplateError
+    from tasks.sample import sample_request, send_sample
 
-    result = _run(send_sample(cfg, destination))
+    try:
+        if dry_run:
+            _print_request(sample_request(cfg, destination))
+            return
+        result = _run(send_sample(cfg, destination))
+    except TemplateError as exc:
+        index = [d.name for d in cfg.destinations].index(destination)
+        err.print(f"error: destinations[{index}].template: {exc} (rendering the sample "
+                  "profile)", markup=False)
+        raise typer.Exit(2) from None
     modelled = (f"modelled on dataflow {result.sample.dataflow!r}" if result.sample.dataflow
                 else "no dataflow uses this destination: identities only")
     out.print(f"{result.method} {result.url}", markup=False)
@@ -214,6 +342,25 @@ def test_send(config: ConfigOpt,
     err.print(f"failed: {diag.reason}: {diag.detail or 'no detail'}", markup=False)
     err.print(f"hint: {diag.hint}", markup=False)
     raise typer.Exit(1)
+
+
+def _print_request(request: Any) -> None:
+    """``test-send --dry-run``: the request line, the headers (secret values masked), a
+    blank line, then the body byte for byte."""
+    modelled = (f"modelled on dataflow {request.sample.dataflow!r}" if request.sample.dataflow
+                else "no dataflow uses this destination: identities only")
+    out.print(f"{request.method} {request.url}", markup=False)
+    for name, value in request.headers:
+        out.print(f"{name}: {value}", markup=False)
+    out.print(f"Content-Length: {len(request.sample.body)}", markup=False)
+    out.print("", markup=False)
+    sys.stdout.flush()
+    out.file.write(request.sample.body.decode())
+    if not request.sample.body.endswith(b"\n"):
+        out.file.write("\n")
+    out.file.flush()
+    err.print(f"dry run: nothing sent (sample {modelled}; the body above is exactly what "
+              "test-send would send)", markup=False)
 
 
 @app.command()

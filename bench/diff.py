@@ -164,9 +164,9 @@ def baseline(conn, after: int) -> tuple[Clock, int]:
     """Only reading what the micro-batch touches into Polars: changes, profiles, memberships."""
     with Clock() as clock:
         changes = pl.DataFrame(conn.execute(
-            "SELECT seq, profile_id, committed_at, attr_paths, identity_added, segments "
+            "SELECT seq, profile_id, committed_at, attr_paths, identity_changed, segments "
             "FROM changes WHERE seq > ? ORDER BY seq", (after,)).fetchall(),
-            schema=["seq", "profile_id", "committed_at", "attr_paths", "identity_added",
+            schema=["seq", "profile_id", "committed_at", "attr_paths", "identity_changed",
                     "segments"], orient="row")
         arg = (orjson.dumps(changes.get_column("profile_id").unique().to_list()).decode(),)
         profiles = pl.DataFrame(conn.execute(

@@ -24,7 +24,7 @@ of the change whose seq it carries (read from the store afterwards). The stream'
 lines ("N change(s) -> M export(s), cursor C") say when each seq was queued, which splits
 the latency into detection (commit -> in the outbox) and dispatch (outbox -> endpoint).
 
-Target: p95 <= 5 s at 1,000 updates/s (SPEC "Service levels").
+Target: p95 <= 5 s at 1,000 updates/s (our service level).
 """
 
 from __future__ import annotations

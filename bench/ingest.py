@@ -163,7 +163,7 @@ def run_baseline(src: str, db_path: str, batch: int) -> dict:
     conn = open_db(db_path).conn  # the same schema and pragmas; a plain sqlite3.Connection
     insert_changes = (
         "INSERT INTO changes (profile_id, shard, ts, committed_at, attr_paths, identities, "
-        "identity_added, segments) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        "identity_changed, segments) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
     upsert_profiles = (
         "INSERT INTO profiles (profile_id, shard, attributes, identity_map, created_at, "
         "updated_at, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (profile_id) DO UPDATE "

@@ -27,6 +27,8 @@ from pydantic import (
 )
 
 MAX_RATE_LIMIT = 10_000
+MAX_BATCH_PROFILES = 10_000
+MAX_BATCH_BYTES = 100_000_000
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _BLOCK_REF = re.compile(r"^\{\{\s*prefect\.blocks\.secret\.([A-Za-z0-9_-]+)\s*\}\}$")
 _PATH_PART = r"[A-Za-z0-9_@$-][A-Za-z0-9_@$:-]*"
@@ -174,6 +176,38 @@ def parse_query(text: str) -> list[tuple[str, str]]:
     return parse_qsl(text, keep_blank_values=True, strict_parsing=True)
 
 
+class Batch(_Model):
+    """How many exports one request may carry; ``max_profiles: 1`` (the default) sends the
+    seed's one-object body."""
+
+    max_profiles: int = Field(default=1, ge=1, le=MAX_BATCH_PROFILES)
+    max_bytes: int = Field(default=1_000_000, ge=1, le=MAX_BATCH_BYTES)
+    max_wait_ms: int = Field(default=0, ge=0, le=60_000)
+    format: Literal["json_array", "ndjson"] = "json_array"
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_profiles > 1
+
+
+def check_template_syntax(source: str) -> None:
+    """Compile a destination's template (the same sandbox and filter names the sender uses),
+    so a syntax error or an unknown filter is reported with its line when loading."""
+    from jinja2 import TemplateError as JinjaError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if not source.strip():
+        raise ValueError("the template is empty")
+    class _Checking(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})  # never folded (run) while compiling
+
+    try:
+        _Checking(autoescape=False).from_string(source)
+    except JinjaError as exc:
+        line = getattr(exc, "lineno", None)
+        raise ValueError(f"line {line}: {exc.message}" if line else str(exc.message)) from None
+
+
 class Destination(_Model):
     name: str = Field(min_length=1)
     description: str = ""
@@ -190,6 +224,16 @@ class Destination(_Model):
     max_retry_after_seconds: float = Field(default=60.0, ge=0, le=3600)
     ca_bundle: Path | None = None
     signing_secret: Secret | None = None
+    batch: Batch = Field(default_factory=Batch)
+    template: str | None = None
+    template_strict: bool = False
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_template_syntax(v)
+        return v
 
     @field_validator("endpoint")
     @classmethod
@@ -251,6 +295,8 @@ class Dataflow(_Model):
 
 class Config(_Model):
     state: Path = Path("relay.db")
+    # change log and delivery records are kept this long (once every dataflow read them)
+    retention_days: int = Field(default=7, ge=1, le=3650)
     segments: list[Segment] = Field(default_factory=list)
     destinations: list[Destination] = Field(default_factory=list)
     dataflows: list[Dataflow] = Field(default_factory=list)
@@ -288,6 +334,29 @@ class Config(_Model):
 
     def segment(self, seg_id: str) -> Segment | None:
         return next((s for s in self.segments if s.id == seg_id), None)
+
+
+_IDENTITY_WORDS = re.compile(r"email|phone", re.I)
+_IDENTITY_SUFFIX = re.compile(r"(^id|Id|ID|[_-]id)$")
+
+
+def identity_bearing(path: str) -> bool:
+    """Whether a mapped attribute path can tell a receiver whom a profile is: one of its
+    parts contains ``email`` or ``phone`` (any case), or is ``id`` or ends in ``Id``,
+    ``ID``, ``_id`` or ``-id`` (``personalEmail.address``, ``mobilePhone.number``,
+    ``crmId``, ``loyalty.member_id``)."""
+    return any(_IDENTITY_WORDS.search(part) or _IDENTITY_SUFFIX.search(part)
+               for part in path.split("."))
+
+
+def identity_warnings(config: Config) -> list[str]:
+    """One line per dataflow that maps no identity-bearing attribute (``identity_bearing``):
+    its receivers can tell profiles apart by the identity map alone."""
+    return [f"dataflows[{i}] ({flow.name}) maps no identity-bearing attribute (a path with "
+            "email, phone or an id); its receivers can tell profiles apart only by their "
+            "identity map, and a profile without identities is not sent"
+            for i, flow in enumerate(config.dataflows)
+            if not any(identity_bearing(p) for p in flow.attributes)]
 
 
 def _cross_check(data: dict[str, Any]) -> list[tuple[str, str]]:

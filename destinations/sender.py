@@ -1,4 +1,4 @@
-"""The HTTP sender: one aiohttp session per destination, one POST per export.
+"""The HTTP sender: one aiohttp session per destination, one POST per export (or batch).
 
 aiohttp, not httpx: its request path costs about 0.13 ms of CPU against httpx's 1 ms,
 which is what 10,000 requests/s per dataflow needs. Everything that does not
@@ -50,6 +50,13 @@ _DRAIN_AT_MOST = 1024 * 1024  # past this, drop the connection rather than read 
 _SECRET_NAME = re.compile(r"auth|token|key|secret|sig|pass|cookie|session|credential", re.I)
 
 
+def content_type(dest: Destination) -> str:
+    """The body's media type: NDJSON for a destination that batches as NDJSON."""
+    if dest.batch.enabled and dest.batch.format == "ndjson":
+        return "application/x-ndjson"
+    return "application/json"
+
+
 def build_url(endpoint: str, query_pairs: Iterable[tuple[str, str]]) -> str:
     """The endpoint with the destination's query parameters appended after its own."""
     pairs = list(query_pairs)
@@ -87,7 +94,7 @@ class Sender:
         self.where = f"{self.url.host}{self.url.path}"  # for messages: no query, no userinfo
         self._timeout = dest.timeout_seconds
         static: CIMultiDict[str] = CIMultiDict()
-        static["Content-Type"] = "application/json"
+        static["Content-Type"] = content_type(dest)
         static["User-Agent"] = USER_AGENT
         for name, value in dest.header_pairs:
             static[name] = value  # the user's headers may override the defaults above
@@ -197,6 +204,8 @@ class Sender:
 
         kind = classify_status(status)
         error = None if kind == "delivered" else f"HTTP {status} {reason or ''}".rstrip()
+        if status == 413:  # too large: say how large, so the limit to raise is known
+            error += f" (request body of {len(body):,} bytes)"
         wait = parse_retry_after(retry_after, time.time()) if kind == "retryable" else None
         body_start = (
             redact_bytes(start, self.secret_values())[:BODY_START_BYTES] if keep_body else b""

@@ -18,13 +18,12 @@ from config import load_config
 from state import Store, open_store
 from state.db import now_ms
 from state.leases import owner_id
-from tasks import pipeline
+from tasks import lifecycle, pipeline
 from tasks.flow_tasks import dispatch
 from tasks.pipeline import PassResult
 from tasks.report import ExportsFailed, publish_stream_summary, report_failures
 
 SUMMARY_EVERY_SECONDS = 60.0
-DELIVERY_LOG_KEEP_MS = 7 * 24 * 3_600_000  # status reads the last hour; keep a week
 TAKEOVER_WAIT_SECONDS = 90.0
 LEASE_GROUP = 0  # one process streams a dataflow on one machine: a single shard group
 
@@ -76,6 +75,7 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
             for flow_ in flows_:
                 if once or pipeline.has_work(store, flow_):
                     await dispatch(store, config, flow_, totals[flow_.name], settle=once)
+            lifecycle.upkeep(store, config, logger)  # removed dataflows; retention, in batches
             now = time.monotonic()
             if once or now >= ends_at:
                 break
@@ -85,7 +85,6 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
                 break
             if now - last_summary >= SUMMARY_EVERY_SECONDS:
                 await publish_stream_summary(store, config, flows_, totals, started_ms)
-                store.prune_deliveries(now_ms() - DELIVERY_LOG_KEEP_MS)
                 last_summary = now
             await asyncio.sleep(max(0.0, interval - (now - tick)))
     finally:

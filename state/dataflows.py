@@ -9,7 +9,16 @@ import orjson
 import sqlite_utils
 
 from state.db import now_ms, shard_of, write_txn
-from state.model import Backfill, CursorMoved, Export, SyncResult
+from state.model import (
+    REMAP_BACKFILL,
+    Backfill,
+    CursorMoved,
+    Export,
+    StoredDataflow,
+    SyncResult,
+)
+
+FORGET_CHECK_MARGIN_MS = 60_000  # clocks of two processes on one host, and a little more
 
 QUALIFIED_SQL = "('realized', 'existing')"
 
@@ -19,42 +28,118 @@ def max_seq(db: sqlite_utils.Database) -> int:
 
 
 def sync_dataflow(db: sqlite_utils.Database, name: str, destination: str,
-                  segments: Sequence[str], mapping_hash: str) -> SyncResult:
+                  segments: Sequence[str], mapping_hash: str,
+                  endpoint: str | None = None) -> SyncResult:
     """Bring the stored mapping in line with the config, recording mapping times and
-    queueing backfills for a new dataflow or newly mapped segments."""
+    queueing backfills for a new dataflow or newly mapped segments. A segment unmapped is
+    remembered (``unmapped_segments``), so mapping it again is known as a remap. Also
+    clears the mark of a dataflow that was removed from the config (``resumed``) and
+    records a change of destination or endpoint (``moved_from``)."""
     wanted_set = set(segments)
-    row = db.conn.execute("SELECT mapping_hash FROM dataflows WHERE name = ?", (name,)).fetchone()
-    if row is not None and row[0] == mapping_hash and wanted_set == {s for (s,) in db.conn.execute(
-            "SELECT segment_id FROM dataflow_segments WHERE dataflow = ?", (name,))}:
+    row = db.conn.execute("SELECT mapping_hash, endpoint, removed_at FROM dataflows "
+                          "WHERE name = ?", (name,)).fetchone()
+    if (row is not None and row[0] == mapping_hash and row[2] is None
+            and (endpoint is None or row[1] == endpoint)
+            and wanted_set == {s for (s,) in db.conn.execute(
+                "SELECT segment_id FROM dataflow_segments WHERE dataflow = ?", (name,))}):
         return SyncResult(False, (), ())  # the usual case: a read, no write transaction
     now = now_ms()
     with write_txn(db) as conn:
-        row = conn.execute("SELECT mapping_hash FROM dataflows WHERE name = ?", (name,)).fetchone()
+        row = conn.execute("SELECT mapping_hash, destination, endpoint, removed_at FROM dataflows "
+                           "WHERE name = ?", (name,)).fetchone()
         stored = {s for (s,) in conn.execute(
             "SELECT segment_id FROM dataflow_segments WHERE dataflow = ?", (name,))}
         wanted = list(dict.fromkeys(segments))
         new = [s for s in wanted if s not in stored]
         removed = sorted(stored - set(wanted))
+        moved_from = None
         if row is None:
-            conn.execute("INSERT INTO dataflows (name, destination, mapping_hash, created_at, cursor) "
-                         "VALUES (?, ?, ?, ?, (SELECT coalesce(max(seq), 0) FROM changes))",
-                         (name, destination, mapping_hash, now))
-        elif row[0] != mapping_hash:
-            conn.execute("UPDATE dataflows SET mapping_hash = ?, destination = ? WHERE name = ?",
-                         (mapping_hash, destination, name))
-            conn.execute("UPDATE dataflow_segments SET mapping_updated_at = ? WHERE dataflow = ?",
-                         (now, name))
+            conn.execute("INSERT INTO dataflows (name, destination, mapping_hash, created_at, cursor, "
+                         "endpoint) VALUES (?, ?, ?, ?, (SELECT coalesce(max(seq), 0) FROM changes), ?)",
+                         (name, destination, mapping_hash, now, endpoint))
+        else:
+            if row[0] != mapping_hash:
+                conn.execute("UPDATE dataflows SET mapping_hash = ?, destination = ? WHERE name = ?",
+                             (mapping_hash, destination, name))
+                conn.execute("UPDATE dataflow_segments SET mapping_updated_at = ? WHERE dataflow = ?",
+                             (now, name))
+            if endpoint is not None and row[2] != endpoint:
+                conn.execute("UPDATE dataflows SET endpoint = ? WHERE name = ?", (endpoint, name))
+            # an endpoint stored before this was recorded is set silently
+            if row[1] != destination or (endpoint is not None and row[2] is not None
+                                         and row[2] != endpoint):
+                moved_from = (row[1], row[2])
+                conn.execute("UPDATE dataflows SET destination = ? WHERE name = ?",
+                             (destination, name))
+            if row[3] is not None:
+                conn.execute("UPDATE dataflows SET removed_at = NULL WHERE name = ?", (name,))
         conn.executemany("DELETE FROM dataflow_segments WHERE dataflow = ? AND segment_id = ?",
                          [(name, s) for s in removed])
+        conn.executemany("INSERT INTO dataflow_unmapped_segments (dataflow, segment_id, unmapped_at) "
+                         "VALUES (?, ?, ?) ON CONFLICT (dataflow, segment_id) DO UPDATE SET "
+                         "unmapped_at = excluded.unmapped_at", [(name, s, now) for s in removed])
+        remapped = [s for (s,) in conn.execute(
+            "SELECT segment_id FROM dataflow_unmapped_segments WHERE dataflow = ? "
+            "AND segment_id IN (SELECT value FROM json_each(?))",
+            (name, orjson.dumps(new).decode()))] if new and row is not None else []
+        conn.executemany("DELETE FROM dataflow_unmapped_segments WHERE dataflow = ? AND segment_id = ?",
+                         [(name, s) for s in remapped])
         conn.executemany("INSERT INTO dataflow_segments VALUES (?, ?, ?, ?)",
                          [(name, s, now, now) for s in new])
         if row is None:
             conn.execute("INSERT INTO backfills (dataflow, segment_id, reason, created_at) "
                          "VALUES (?, NULL, 'new dataflow', ?)", (name, now))
         else:
-            conn.executemany("INSERT INTO backfills (dataflow, segment_id, reason, created_at) "
-                             "VALUES (?, ?, 'segment newly mapped', ?)", [(name, s, now) for s in new])
-    return SyncResult(row is None, tuple(new), tuple(removed))
+            conn.executemany(
+                "INSERT INTO backfills (dataflow, segment_id, reason, created_at) VALUES (?, ?, ?, ?)",
+                [(name, s, REMAP_BACKFILL if s in remapped else "segment newly mapped", now)
+                 for s in new])
+    remapped_set = set(remapped)
+    return SyncResult(row is None, tuple(new), tuple(removed),
+                      tuple(s for s in new if s in remapped_set),
+                      row is not None and row[3] is not None, moved_from)
+
+
+def unmapped_segments(db: sqlite_utils.Database, dataflow: str) -> list[str]:
+    """Segments the dataflow mapped once and no longer maps."""
+    return [s for (s,) in db.conn.execute(
+        "SELECT segment_id FROM dataflow_unmapped_segments WHERE dataflow = ? ORDER BY segment_id",
+        (dataflow,))]
+
+
+def stale_qualified(db: sqlite_utils.Database, dataflow: str, segments: Sequence[str],
+                    after: str, limit: int) -> list[str]:
+    """The next ``limit`` profiles (in profile order, after ``after``) that the dataflow
+    last saw qualified for one of ``segments`` and that are not qualified for it now."""
+    return [pid for (pid,) in db.conn.execute(
+        "SELECT d.profile_id FROM dataflow_profiles d WHERE d.dataflow = ?1 "
+        "AND d.profile_id > ?3 AND d.qualified != '' AND EXISTS (SELECT 1 FROM json_each(?2) s "
+        "WHERE instr(char(10) || d.qualified || char(10), char(10) || s.value || char(10)) > 0 "
+        "AND NOT EXISTS (SELECT 1 FROM profile_segments m WHERE m.profile_id = d.profile_id "
+        f"AND m.segment_id = s.value AND m.status IN {QUALIFIED_SQL})) "
+        "ORDER BY d.profile_id LIMIT ?4",
+        (dataflow, orjson.dumps(list(segments)).decode(), after, limit))]
+
+
+def stored_dataflows(db: sqlite_utils.Database) -> list[StoredDataflow]:
+    return [StoredDataflow(*row) for row in db.conn.execute(
+        "SELECT name, destination, endpoint, created_at, cursor, removed_at FROM dataflows "
+        "ORDER BY name")]
+
+
+def mark_removed(db: sqlite_utils.Database, keep: Sequence[str]) -> list[str]:
+    """Mark the stored dataflows not in ``keep`` (the config's) as removed; returns those
+    newly marked. A read when nothing changed."""
+    keep_json = orjson.dumps(list(keep)).decode()
+    gone_sql = ("SELECT name FROM dataflows WHERE removed_at IS NULL "
+                "AND name NOT IN (SELECT value FROM json_each(?)) ORDER BY name")
+    if not db.conn.execute(gone_sql, (keep_json,)).fetchone():
+        return []
+    with write_txn(db) as conn:
+        gone = [n for (n,) in conn.execute(gone_sql, (keep_json,))]
+        conn.executemany("UPDATE dataflows SET removed_at = ? WHERE name = ?",
+                         [(now_ms(), n) for n in gone])
+    return gone
 
 
 def cursor(db: sqlite_utils.Database, dataflow: str) -> int:
@@ -72,9 +157,9 @@ def mapping_times(db: sqlite_utils.Database, dataflow: str) -> dict[str, tuple[i
 
 def read_changes(db: sqlite_utils.Database, after: int, limit: int) -> list[tuple]:
     """Change-log rows after ``after``: (seq, profile_id, committed_at, attr_paths,
-    identity_added, segments)."""
+    identity_changed, segments)."""
     return db.conn.execute(
-        "SELECT seq, profile_id, committed_at, attr_paths, identity_added, segments FROM changes "
+        "SELECT seq, profile_id, committed_at, attr_paths, identity_changed, segments FROM changes "
         "WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
 
 
@@ -120,9 +205,13 @@ def backfill_rows(db: sqlite_utils.Database, profile_ids: Sequence[str],
 def queue_exports(db: sqlite_utils.Database, dataflow: str, exports: Sequence[Export],
                   snapshot_updates: Sequence[tuple[str, str]] = (),
                   cursor_from: int | None = None, cursor_to: int | None = None,
-                  backfill: tuple[int, str, int] | None = None) -> None:
+                  backfill: tuple[int, str, int] | None = None,
+                  read_at: int | None = None) -> None:
     """In one transaction: the exports into the outbox (a newer one replaces an older one
-    still waiting), the dataflow's snapshots, and its cursor or backfill progress."""
+    still waiting), the dataflow's snapshots, and its cursor or backfill progress.
+    Exports and snapshots of profiles no longer in the store (forgotten since the caller
+    read them) are dropped; ``read_at`` (epoch ms, when the caller read what it decides
+    on): that check is only made when a forget happened since."""
     now = now_ms()
     with write_txn(db) as conn:
         if cursor_to is not None:
@@ -130,6 +219,19 @@ def queue_exports(db: sqlite_utils.Database, dataflow: str, exports: Sequence[Ex
                                  (cursor_to, dataflow, cursor_from)).rowcount
             if moved != 1:
                 raise CursorMoved(dataflow)
+        forgot = conn.execute("SELECT value FROM store_flags WHERE name = 'last_forget_at'"
+                              ).fetchone() if read_at is not None else None
+        if (exports or snapshot_updates) and (
+                read_at is None or (forgot is not None
+                                    and forgot[0] >= read_at - FORGET_CHECK_MARGIN_MS)):
+            gone = {pid for (pid,) in conn.execute(
+                "SELECT value FROM json_each(?) WHERE NOT EXISTS "
+                "(SELECT 1 FROM profiles WHERE profile_id = value)",
+                (orjson.dumps([e.profile_id for e in exports]
+                              + [pid for pid, _ in snapshot_updates]).decode(),))}
+            if gone:
+                exports = [e for e in exports if e.profile_id not in gone]
+                snapshot_updates = [u for u in snapshot_updates if u[0] not in gone]
         conn.executemany(
             "INSERT INTO outbox (dataflow, profile_id, shard, seq, reason, change_at, enqueued_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -192,3 +294,16 @@ def set_backfill_total(db: sqlite_utils.Database, job: int, total: int) -> None:
 def finish_backfill(db: sqlite_utils.Database, job: int) -> None:
     with write_txn(db) as conn:
         conn.execute("UPDATE backfills SET finished_at = ? WHERE id = ?", (now_ms(), job))
+
+
+def prune_changes(db: sqlite_utils.Database, older_than_ms: int, limit: int) -> int:
+    """Delete up to ``limit`` change-log rows committed before ``older_than_ms`` that every
+    stored dataflow has read (seq at or below the lowest cursor), oldest first, in one
+    short transaction; returns how many. The newest row always stays (it holds the head).
+    Reads the ``limit`` oldest rows only, so a poll with nothing old to prune is cheap."""
+    with write_txn(db) as conn:
+        return conn.execute(
+            "DELETE FROM changes WHERE seq IN (SELECT seq FROM (SELECT seq, committed_at "
+            "FROM changes WHERE seq <= coalesce((SELECT min(cursor) FROM dataflows), "
+            "(SELECT max(seq) FROM changes)) AND seq < (SELECT max(seq) FROM changes) "
+            "ORDER BY seq LIMIT ?) WHERE committed_at < ?)", (limit, older_than_ms)).rowcount

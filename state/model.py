@@ -10,6 +10,16 @@ from typing import Any
 
 STATUSES = frozenset({"realized", "existing", "exited"})
 QUALIFIED = frozenset({"realized", "existing"})
+AUTHENTICATED_STATES = frozenset({"ambiguous", "authenticated", "loggedOut"})
+
+# The reason of the backfill of a segment mapped again after being unmapped: it also exports
+# the exits that happened meanwhile.
+REMAP_BACKFILL = "segment mapped again"
+
+# Why an export was closed without a request (counted per dataflow; ``status`` shows them).
+SKIP_DELIVERED = "state already delivered"
+SKIP_UNIDENTIFIED = "no identity and no mapped attribute"
+SKIP_FORGOTTEN = "profile forgotten"
 
 
 @dataclass(slots=True)
@@ -19,7 +29,9 @@ class Fragment:
     profile_id: str
     ts: int  # epoch ms
     attributes: dict[str, Any] | None = None
-    identities: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # namespace -> entries to add or update ({"id": ..., "removed": true} removes one), or
+    # None: remove the namespace (see ``merge_identities``)
+    identities: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
     segments: dict[str, tuple[str, str]] = field(default_factory=dict)  # seg -> (status, lqt)
     # leaf paths the attributes write, collected while validating (see ``leaf_paths``)
     paths: list[str] | None = None
@@ -103,6 +115,32 @@ class SyncResult:
     created: bool
     new_segments: tuple[str, ...]
     removed_segments: tuple[str, ...]
+    remapped: tuple[str, ...] = ()   # of the new segments, those mapped before and unmapped since
+    resumed: bool = False            # the dataflow was removed from the config and is back
+    # (destination, endpoint) before a change of either; None when neither changed
+    moved_from: tuple[str, str | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDataflow:
+    """A dataflow as the store knows it, whether or not the config still names it."""
+
+    name: str
+    destination: str
+    endpoint: str | None      # without query string or credentials
+    created_at: int
+    cursor: int
+    removed_at: int | None    # when a run first found it gone from the config
+
+
+@dataclass
+class Forgotten:
+    """What a forget erased: rows per kind, and how the store's file was cleaned."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    free_pages_zeroed: int = 0
+    rewritten: bool = False      # the store's one-time rewrite (see ``Store.forget``)
+    wal_truncated: bool = True   # False: a reader held the WAL; it empties at the next checkpoint
 
 
 class CursorMoved(RuntimeError):
@@ -125,6 +163,56 @@ def leaf_paths(attrs: dict[str, Any], prefix: str = "") -> list[str]:
         elif not isinstance(value, dict):
             out.append(path)
     return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON: ``True`` and ``1`` differ."""
+    return type(a) is type(b) and a == b
+
+
+def merge_identities(identity_map: dict[str, list[dict[str, Any]]],
+                     patch: dict[str, list[dict[str, Any]] | None]) -> bool:
+    """Apply a fragment's ``identityMap`` to a profile's, in place; True when it changed.
+
+    A namespace written as None is removed. In a namespace, an entry ``{"id": ...,
+    "removed": true}`` removes that identity; any other entry adds the identity, or updates
+    the fields of the one with that id (the latest value wins, a null removes the field).
+    A namespace left empty is removed. Writing what is already there changes nothing."""
+    changed = False
+    for ns, entries in patch.items():
+        if entries is None:
+            if identity_map.pop(ns, None) is not None:
+                changed = True
+            continue
+        known = identity_map.get(ns, [])
+        by_id = {e["id"]: e for e in known}
+        for entry in entries:
+            ident = entry["id"]
+            held = by_id.get(ident)
+            if entry.get("removed") is True:
+                if held is not None:
+                    known = [e for e in known if e is not held]
+                    del by_id[ident]
+                    changed = True
+                continue
+            if held is None:
+                held = by_id[ident] = {"id": ident}
+                known.append(held)
+                changed = True
+            for key, value in entry.items():
+                if key in ("id", "removed"):
+                    continue
+                if value is None:
+                    if held.pop(key, None) is not None:
+                        changed = True
+                elif key not in held or not _same(held[key], value):
+                    held[key] = value
+                    changed = True
+        if known:
+            identity_map[ns] = known
+        else:
+            identity_map.pop(ns, None)
+    return changed
 
 
 def deep_merge(target: dict[str, Any], patch: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import orjson
 import sqlite_utils
 
 from state.db import now_ms, shard_of, write_txn
-from state.model import Attempt, FailedEntry, Pending
+from state.model import SKIP_DELIVERED, Attempt, FailedEntry, Pending
 
 
 def due(db: sqlite_utils.Database, dataflow: str, now: int, limit: int,
@@ -60,15 +60,20 @@ def next_due(db: sqlite_utils.Database, dataflow: str) -> int | None:
 
 def record(db: sqlite_utils.Database, dataflow: str, delivered: Sequence[Attempt],
            retrying: Sequence[Attempt], failed: Sequence[Attempt],
-           skipped: Sequence[Pending] = ()) -> None:
+           skipped: Sequence[Pending] = (), skip_reason: str = SKIP_DELIVERED) -> None:
     """Write a round of attempts in one transaction. Each row is only touched if the
     outbox still holds that very export (a newer one may have replaced it meanwhile).
-    ``skipped``: exports whose profile state was already delivered, closed unsent."""
+    ``skipped``: exports closed unsent (for ``skip_reason``), counted per reason."""
     with write_txn(db) as conn:
         conn.executemany(
             "DELETE FROM outbox WHERE dataflow = ? AND profile_id = ? AND seq = ?",
             [(dataflow, a.item.profile_id, a.item.seq) for a in (*delivered, *failed)]
             + [(dataflow, p.profile_id, p.seq) for p in skipped])
+        if skipped:
+            conn.execute(
+                "INSERT INTO skipped_exports (dataflow, reason, count, last_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (dataflow, reason) DO UPDATE SET count = count + excluded.count, "
+                "last_at = excluded.last_at", (dataflow, skip_reason, len(skipped), now_ms()))
         conn.executemany(
             "INSERT INTO deliveries (dataflow, profile_id, seq, idempotency_key, status, attempts, "
             "latency_ms, delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -100,12 +105,37 @@ def open_failures(db: sqlite_utils.Database, dataflow: str) -> list[FailedEntry]
         "FROM failed_requests WHERE dataflow = ? AND state = 'failed' ORDER BY id", (dataflow,))]
 
 
-def prune_deliveries(db: sqlite_utils.Database, older_than_ms: int) -> int:
+def prune_deliveries(db: sqlite_utils.Database, older_than_ms: int,
+                     limit: int | None = None) -> int:
     """Drop delivery-log rows older than ``older_than_ms`` (epoch ms); returns how many.
-    The log feeds status and latency figures; left alone it grows with every request."""
+    The log feeds status and latency figures; left alone it grows with every request.
+    ``limit``: at most that many, the oldest, in one short transaction (reading only the
+    ``limit`` oldest rows)."""
     with write_txn(db) as conn:
-        return conn.execute("DELETE FROM deliveries WHERE delivered_at < ?",
-                            (older_than_ms,)).rowcount
+        if limit is None:
+            return conn.execute("DELETE FROM deliveries WHERE delivered_at < ?",
+                                (older_than_ms,)).rowcount
+        return conn.execute(
+            "DELETE FROM deliveries WHERE id IN (SELECT id FROM (SELECT id, delivered_at "
+            "FROM deliveries ORDER BY id LIMIT ?) WHERE delivered_at < ?)",
+            (limit, older_than_ms)).rowcount
+
+
+def prune_resolved_failures(db: sqlite_utils.Database, older_than_ms: int, limit: int) -> int:
+    """Drop up to ``limit`` failed-store entries resolved (re-queued or superseded by a
+    replay) before ``older_than_ms``; entries still failed are kept until replayed."""
+    with write_txn(db) as conn:
+        return conn.execute(
+            "DELETE FROM failed_requests WHERE id IN (SELECT id FROM failed_requests "
+            "WHERE state != 'failed' AND resolved_at < ? ORDER BY id LIMIT ?)",
+            (older_than_ms, limit)).rowcount
+
+
+def skipped_counts(db: sqlite_utils.Database, dataflow: str) -> dict[str, int]:
+    """Exports closed without a request, by reason."""
+    return dict(db.conn.execute(
+        "SELECT reason, count FROM skipped_exports WHERE dataflow = ? ORDER BY reason",
+        (dataflow,)).fetchall())
 
 
 def requeue(db: sqlite_utils.Database, dataflow: str,

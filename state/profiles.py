@@ -8,7 +8,7 @@ import orjson
 import sqlite_utils
 
 from state.db import now_ms, shard_of, write_txn
-from state.model import Fragment, StoredProfile, deep_merge, leaf_paths
+from state.model import Fragment, StoredProfile, deep_merge, leaf_paths, merge_identities
 
 
 def _json_list(values: Iterable[str]) -> str:
@@ -41,18 +41,8 @@ def apply_fragments(db: sqlite_utils.Database, fragments: Sequence[Fragment]) ->
                 deep_merge(state[0], frag.attributes)
                 written = frag.paths if frag.paths is not None else leaf_paths(frag.attributes)
                 paths = "\n".join(written) or None
-            added = 0
-            idmap = state[1]
-            for ns, entries in frag.identities.items():
-                known = idmap.setdefault(ns, [])
-                seen = {e["id"] for e in known}
-                for entry in entries:
-                    if entry["id"] not in seen:
-                        known.append(entry)
-                        seen.add(entry["id"])
-                        added = 1
-                if not known:
-                    del idmap[ns]
+            identity_changed = int(bool(frag.identities) and merge_identities(state[1],
+                                                                              frag.identities))
             for seg, (status, lqt) in frag.segments.items():
                 segment_rows[(frag.profile_id, seg)] = (frag.profile_id, seg, status, lqt)
             shard = shards.get(frag.profile_id)
@@ -60,13 +50,14 @@ def apply_fragments(db: sqlite_utils.Database, fragments: Sequence[Fragment]) ->
                 shard = shards[frag.profile_id] = shard_of(frag.profile_id)
             changes.append((
                 frag.profile_id, shard, frag.ts, committed, paths,
-                orjson.dumps(frag.identities).decode() if frag.identities else None, added,
+                orjson.dumps(frag.identities).decode() if frag.identities else None,
+                identity_changed,
                 orjson.dumps({s: v[0] for s, v in frag.segments.items()}).decode()
                 if frag.segments else None,
             ))
         cur = conn.executemany(
             "INSERT INTO changes (profile_id, shard, ts, committed_at, attr_paths, identities, "
-            "identity_added, segments) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", changes)
+            "identity_changed, segments) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", changes)
         last_seq = conn.execute("SELECT max(seq) FROM changes").fetchone()[0]
         del cur
         last_by_profile: dict[str, int] = {}

@@ -198,4 +198,38 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (dataflow, grp)
     ) WITHOUT ROWID
     """,
+    # 5: the profile lifecycle. The change log flags any change of the identity map (an
+    # identity added or removed, a field of one changed), not only additions. A dataflow
+    # keeps its endpoint (no query string, no credentials) to tell when it moved, when a
+    # run found it gone from the config, and the segments it mapped once and unmapped
+    # since (a remap also exports the exits that happened meanwhile). Exports closed
+    # without a request are counted per reason. store_flags: whether every deleted byte of
+    # this file was zeroed from its creation (secure_delete); a store made by an earlier
+    # version is rewritten once (VACUUM) by the first forget. free_page_scrub: an always
+    # empty table that a forget fills with zeros to overwrite the free pages.
+    """
+    ALTER TABLE changes RENAME COLUMN identity_added TO identity_changed;
+    ALTER TABLE dataflows ADD COLUMN endpoint TEXT;
+    ALTER TABLE dataflows ADD COLUMN removed_at INTEGER;
+    CREATE TABLE dataflow_unmapped_segments (
+        dataflow TEXT NOT NULL,
+        segment_id TEXT NOT NULL,
+        unmapped_at INTEGER NOT NULL,
+        PRIMARY KEY (dataflow, segment_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE skipped_exports (
+        dataflow TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        last_at INTEGER NOT NULL,
+        PRIMARY KEY (dataflow, reason)
+    ) WITHOUT ROWID;
+    CREATE TABLE store_flags (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO store_flags (name, value)
+        SELECT 'deletes_zeroed', NOT EXISTS (SELECT 1 FROM sqlite_sequence);
+    CREATE TABLE free_page_scrub (zeros BLOB)
+    """,
 ]

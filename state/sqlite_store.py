@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from state import dataflows, leases, outbox, profiles, stats
+from state import dataflows, erase, leases, outbox, profiles, stats
 from state.db import now_ms, open_db
 from state.model import (
+    SKIP_DELIVERED,
     Attempt,
     Backfill,
     Export,
     FailedEntry,
+    Forgotten,
     Fragment,
     Pending,
+    StoredDataflow,
     StoredProfile,
     SyncResult,
 )
@@ -47,8 +50,25 @@ class SqliteStore:
 
     # dataflow state
     def sync_dataflow(self, name: str, destination: str, segments: Sequence[str],
-                      mapping_hash: str) -> SyncResult:
-        return dataflows.sync_dataflow(self.db, name, destination, segments, mapping_hash)
+                      mapping_hash: str, endpoint: str | None = None) -> SyncResult:
+        return dataflows.sync_dataflow(self.db, name, destination, segments, mapping_hash,
+                                       endpoint)
+
+    def unmapped_segments(self, dataflow: str) -> list[str]:
+        return dataflows.unmapped_segments(self.db, dataflow)
+
+    def stale_qualified(self, dataflow: str, segments: Sequence[str], after: str,
+                        limit: int) -> list[str]:
+        return dataflows.stale_qualified(self.db, dataflow, segments, after, limit)
+
+    def stored_dataflows(self) -> list[StoredDataflow]:
+        return dataflows.stored_dataflows(self.db)
+
+    def mark_removed(self, keep: Sequence[str]) -> list[str]:
+        return dataflows.mark_removed(self.db, keep)
+
+    def drop_dataflow(self, name: str) -> dict[str, int]:
+        return erase.drop_dataflow(self.db, name)
 
     def cursor(self, dataflow: str) -> int:
         return dataflows.cursor(self.db, dataflow)
@@ -62,9 +82,10 @@ class SqliteStore:
     def enqueue_exports(self, dataflow: str, exports: Sequence[Export],
                         snapshot_updates: Sequence[tuple[str, str]] = (),
                         cursor_from: int | None = None, cursor_to: int | None = None,
-                        backfill: tuple[int, str, int] | None = None) -> None:
+                        backfill: tuple[int, str, int] | None = None,
+                        read_at: int | None = None) -> None:
         dataflows.queue_exports(self.db, dataflow, exports, snapshot_updates, cursor_from,
-                                cursor_to, backfill)
+                                cursor_to, backfill, read_at)
 
     # backfills
     def start_backfill(self, dataflow: str, segment: str | None, reason: str) -> int:
@@ -102,8 +123,12 @@ class SqliteStore:
 
     def record_outcomes(self, dataflow: str, delivered: Sequence[Attempt],
                         retrying: Sequence[Attempt], failed: Sequence[Attempt],
-                        skipped: Sequence[Pending] = ()) -> None:
-        outbox.record(self.db, dataflow, delivered, retrying, failed, skipped)
+                        skipped: Sequence[Pending] = (),
+                        skip_reason: str = SKIP_DELIVERED) -> None:
+        outbox.record(self.db, dataflow, delivered, retrying, failed, skipped, skip_reason)
+
+    def skipped_counts(self, dataflow: str) -> dict[str, int]:
+        return outbox.skipped_counts(self.db, dataflow)
 
     def lock_sending(self, dataflow: str) -> outbox.SendLock | None:
         """An flock beside the database file: the kernel drops it when the holder dies."""
@@ -131,8 +156,19 @@ class SqliteStore:
     def stats(self, dataflow: str, since_ms: int | None = None) -> DataflowStats:
         return stats.dataflow_stats(self.db, dataflow, since_ms)
 
-    def prune_deliveries(self, older_than_ms: int) -> int:
-        return outbox.prune_deliveries(self.db, older_than_ms)
+    def prune_deliveries(self, older_than_ms: int, limit: int | None = None) -> int:
+        return outbox.prune_deliveries(self.db, older_than_ms, limit)
+
+    def prune_changes(self, older_than_ms: int, limit: int) -> int:
+        return dataflows.prune_changes(self.db, older_than_ms, limit)
+
+    def prune_resolved_failures(self, older_than_ms: int, limit: int) -> int:
+        return outbox.prune_resolved_failures(self.db, older_than_ms, limit)
+
+    # profile lifecycle
+    def forget(self, profile_ids: Sequence[str]) -> Forgotten:
+        """Deleted rows are zeroed, then the free pages and the WAL (``state.erase``)."""
+        return erase.forget(self.db, profile_ids)
 
     def close(self) -> None:
         self.db.conn.close()

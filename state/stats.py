@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import sqlite_utils
 
 from state.db import now_ms
+from state.outbox import skipped_counts
 
 
 @dataclass
@@ -27,6 +28,7 @@ class DataflowStats:
     latency_p95_ms: int | None
     delivered_per_s: float
     last_error: str | None
+    skipped: dict[str, int] = field(default_factory=dict)  # closed unsent, by reason (all time)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,4 +93,5 @@ def dataflow_stats(db: sqlite_utils.Database, dataflow: str, since_ms: int | Non
         latency_p95_ms=_percentile(latencies, 0.95),
         delivered_per_s=round(len(latencies) / span, 1) if span > 0 else float(len(latencies)),
         last_error=last_error[0] if last_error else None,
+        skipped=skipped_counts(db, dataflow),
     )

@@ -11,13 +11,16 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from state.model import (
+    SKIP_DELIVERED,
     Attempt,
     Backfill,
     CursorMoved,
     Export,
     FailedEntry,
+    Forgotten,
     Fragment,
     Pending,
+    StoredDataflow,
     StoredProfile,
     SyncResult,
 )
@@ -41,13 +44,29 @@ class Store(Protocol):
         """The newest change seq (0 for an empty log)."""
     def read_changes(self, after: int, limit: int) -> list[tuple]:
         """Changes after ``after``: (seq, profile_id, committed_at, attr_paths,
-        identity_added, segments)."""
+        identity_changed, segments)."""
     def memberships(self, profile_ids: Sequence[str],
                     segments: Sequence[str]) -> list[tuple[str, str, str]]: ...
 
     # -- dataflow state --------------------------------------------------------------------
     def sync_dataflow(self, name: str, destination: str, segments: Sequence[str],
-                      mapping_hash: str) -> SyncResult: ...
+                      mapping_hash: str, endpoint: str | None = None) -> SyncResult:
+        """Register the dataflow or bring its mapping in line; a segment unmapped is
+        remembered, and mapping it again is reported as ``remapped``. ``endpoint`` (no
+        query string, no credentials): a change of it or of the destination is reported as
+        ``moved_from``. A dataflow marked removed is back: ``resumed``."""
+    def unmapped_segments(self, dataflow: str) -> list[str]:
+        """Segments the dataflow mapped once and no longer maps."""
+    def stale_qualified(self, dataflow: str, segments: Sequence[str], after: str,
+                        limit: int) -> list[str]:
+        """Profiles (in order, after ``after``) the dataflow's snapshot shows qualified for
+        one of ``segments`` that are not qualified for it now: exits it has not seen."""
+    def stored_dataflows(self) -> list[StoredDataflow]:
+        """Every dataflow with state in the store, in the config or not."""
+    def mark_removed(self, keep: Sequence[str]) -> list[str]:
+        """Mark stored dataflows not in ``keep`` as removed; returns those newly marked."""
+    def drop_dataflow(self, name: str) -> dict[str, int]:
+        """Erase all of a dataflow's state in one transaction; rows erased per kind."""
     def cursor(self, dataflow: str) -> int: ...
     def mapping_times(self, dataflow: str) -> dict[str, tuple[int, int]]: ...
     def snapshots(self, dataflow: str, profile_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
@@ -55,9 +74,13 @@ class Store(Protocol):
     def enqueue_exports(self, dataflow: str, exports: Sequence[Export],
                         snapshot_updates: Sequence[tuple[str, str]] = (),
                         cursor_from: int | None = None, cursor_to: int | None = None,
-                        backfill: tuple[int, str, int] | None = None) -> None:
+                        backfill: tuple[int, str, int] | None = None,
+                        read_at: int | None = None) -> None:
         """Exports, snapshots and the cursor (or backfill progress) in one transaction;
-        raises CursorMoved when the cursor is no longer ``cursor_from``."""
+        raises CursorMoved when the cursor is no longer ``cursor_from``. Exports and
+        snapshots of profiles not in the store (forgotten meanwhile) are dropped;
+        ``read_at``: when the caller read what it decided on (epoch ms), so that check can
+        be skipped when no forget happened since."""
 
     # -- backfills ---------------------------------------------------------------------------
     def start_backfill(self, dataflow: str, segment: str | None, reason: str) -> int: ...
@@ -77,9 +100,12 @@ class Store(Protocol):
         """The earliest next-attempt time in the outbox (0: due now; None: empty)."""
     def record_outcomes(self, dataflow: str, delivered: Sequence[Attempt],
                         retrying: Sequence[Attempt], failed: Sequence[Attempt],
-                        skipped: Sequence[Pending] = ()) -> None:
+                        skipped: Sequence[Pending] = (),
+                        skip_reason: str = SKIP_DELIVERED) -> None:
         """One transaction: delivered into the delivery log, retrying rescheduled, failed
-        into the failed store; ``skipped`` (state already delivered) just closed."""
+        into the failed store; ``skipped`` just closed, and counted under ``skip_reason``."""
+    def skipped_counts(self, dataflow: str) -> dict[str, int]:
+        """Exports closed without a request, by reason."""
     def lock_sending(self, dataflow: str) -> SendLock | None:
         """The right to send the dataflow's outbox, or None while another process has it;
         one sender at a time keeps each profile's deliveries in order."""
@@ -96,5 +122,17 @@ class Store(Protocol):
 
     # -- figures and upkeep ------------------------------------------------------------------
     def stats(self, dataflow: str, since_ms: int | None = None) -> DataflowStats: ...
-    def prune_deliveries(self, older_than_ms: int) -> int: ...
+    def prune_deliveries(self, older_than_ms: int, limit: int | None = None) -> int:
+        """Delivery records older than ``older_than_ms``; ``limit``: at most that many."""
+    def prune_changes(self, older_than_ms: int, limit: int) -> int:
+        """Up to ``limit`` change-log rows older than ``older_than_ms`` that every stored
+        dataflow has read (seq at or below the lowest cursor), oldest first."""
+    def prune_resolved_failures(self, older_than_ms: int, limit: int) -> int:
+        """Up to ``limit`` failed-store entries resolved by a replay before ``older_than_ms``."""
+
+    # -- profile lifecycle ---------------------------------------------------------------------
+    def forget(self, profile_ids: Sequence[str]) -> Forgotten:
+        """Erase every trace of these profiles (profile, memberships, change log, queued
+        exports, snapshots, failed store, delivery records) in one transaction, leaving none
+        of their bytes in the store's files. A later fragment starts a new profile."""
     def close(self) -> None: ...

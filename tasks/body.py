@@ -1,12 +1,16 @@
 """The one place an export becomes a request body.
 
-``render`` turns a profile's stored state into the seed's JSON object for one dataflow:
+``document`` turns a profile's stored state into the seed's JSON object for one dataflow:
 the mapped attributes present on the profile (nested as stored), ``segmentMembership.ups``
 with all of its segments (plus names and timestamps as the destination asks) and the whole
-``identityMap``. Stream, backfill, replay and test-send all send what this renders, at
-send time, from the profile's state then; the idempotency key is derived from that state
+``identityMap``. ``render`` encodes it, or, when the destination has a ``template``, gives
+it to the template (``tasks.template``) and returns the template's JSON. With batching
+(``batch.max_profiles`` above 1), ``frame`` puts several rendered exports into one body,
+as a JSON array or as NDJSON, and ``fits`` says where ``batch.max_bytes`` cuts. Stream,
+backfill, replay and test-send all send what this renders, at send time, from the
+profile's state then; the idempotency key is derived from that state
 (``idempotency_key``), so the same body always carries the same key and a newer state a
-new one.
+new one; a batch's key is derived from its members' keys (``batch_key``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ from typing import Any
 
 import orjson
 
-from config import Config, Dataflow, Segment
+from config import Batch, Config, Dataflow, Segment
 from state.model import StoredProfile
+from tasks.template import ExportTemplate, TemplateError
+
+__all__ = ["BodySpec", "TemplateError", "batch_key", "document", "fits", "frame",
+           "idempotency_key", "render", "set_path"]
 
 _Tree = dict[str, "_Tree | None"]  # None: a mapped leaf (take the value whole)
 
@@ -34,6 +42,8 @@ class BodySpec:
     include_timestamps: bool
     catalogue: Mapping[str, Segment]
     mapping_times: Mapping[str, tuple[int, int]]
+    template: ExportTemplate | None = field(default=None, compare=False)
+    batch: Batch = field(default_factory=Batch)
     tree: _Tree = field(init=False, repr=False, compare=False)
     extras: Mapping[str, dict[str, Any]] = field(init=False, repr=False, compare=False)
     fingerprint: str = field(init=False, repr=False, compare=False)
@@ -52,7 +62,10 @@ class BodySpec:
         extras = {seg: e for seg in {*self.catalogue, *self.mapping_times}
                   if (e := _segment_extras(seg, self))}
         # what, besides the profile's state, decides the body's bytes
-        shape = orjson.dumps([self.attribute_paths, extras], option=orjson.OPT_SORT_KEYS)
+        what: list[Any] = [self.attribute_paths, extras]
+        if self.template is not None:
+            what.append(self.template.identity)
+        shape = orjson.dumps(what, option=orjson.OPT_SORT_KEYS)
         object.__setattr__(self, "tree", tree)
         object.__setattr__(self, "extras", extras)
         object.__setattr__(self, "fingerprint", hashlib.sha256(shape).hexdigest()[:16])
@@ -68,7 +81,23 @@ class BodySpec:
             include_timestamps=dest.include_segment_timestamps,
             catalogue={s.id: s for s in config.segments},
             mapping_times=dict(mapping_times),
+            template=template_for(dest.template, dest.template_strict, dest.name,
+                                  dest.description),
+            batch=dest.batch,
         )
+
+    @property
+    def batched(self) -> bool:
+        """Whether requests carry a batch (``frame``) rather than one export's body."""
+        return self.batch.max_profiles > 1
+
+
+def template_for(source: str | None, strict: bool, name: str,
+                 description: str) -> ExportTemplate | None:
+    """A destination's compiled template, or None when it has none."""
+    if source is None:
+        return None
+    return ExportTemplate(source, strict, {"name": name, "description": description})
 
 
 def _segment_extras(seg_id: str, spec: BodySpec) -> dict[str, Any]:
@@ -119,8 +148,44 @@ def document(profile: StoredProfile, spec: BodySpec) -> dict[str, Any]:
 
 
 def render(profile: StoredProfile, spec: BodySpec) -> bytes:
-    """The request body for one export of ``profile``."""
-    return orjson.dumps(document(profile, spec))
+    """One export of ``profile``: the seed's object, or the destination template's JSON
+    (raises :class:`TemplateError`). Unbatched, this is the request body; batched, one
+    member of it (``frame``)."""
+    if spec.template is None:
+        return orjson.dumps(document(profile, spec))
+    part = spec.template.render(document(profile, spec), profile.profile_id, spec.dataflow,
+                                profile.last_seq)
+    if spec.batch.format == "ndjson" and spec.batched:
+        # one line per export: a line break in JSON text is only ever whitespace between
+        # tokens (strings cannot hold a raw one), so a space says the same thing
+        part = part.translate(_LINE_BREAKS_TO_SPACES)
+    return part
+
+
+_LINE_BREAKS_TO_SPACES = bytes.maketrans(b"\r\n", b"  ")
+
+
+def frame(parts: Sequence[bytes], spec: BodySpec) -> bytes:
+    """The request body carrying ``parts`` (rendered exports): the one part as it is when
+    batching is off, else a JSON array (``[a,b]``) or NDJSON (``a\\nb\\n``)."""
+    if not spec.batched:
+        [part] = parts
+        return part
+    if spec.batch.format == "ndjson":
+        return b"".join(p + b"\n" for p in parts)
+    return b"[" + b",".join(parts) + b"]"
+
+
+def fits(size_so_far: int, members: int, part: int, spec: BodySpec) -> bool:
+    """Whether a part of ``part`` bytes may join a batch of ``members`` parts that take
+    ``size_so_far`` bytes (their sizes summed). ``max_bytes`` cuts before the limit; the
+    first part always goes, so an export larger than ``max_bytes`` is sent alone."""
+    if members == 0:
+        return True
+    if members >= spec.batch.max_profiles:
+        return False
+    framing = members + 1 + (1 if spec.batch.format == "json_array" else 0)
+    return size_so_far + part + framing <= spec.batch.max_bytes
 
 
 def idempotency_key(spec: BodySpec, profile_id: str, state_seq: int) -> str:
@@ -129,6 +194,15 @@ def idempotency_key(spec: BodySpec, profile_id: str, state_seq: int) -> str:
     state, or the same state with other mapping times (a backfill for a newly mapped
     segment), gets a new one."""
     text = f"{spec.dataflow}\0{profile_id}\0{state_seq}\0{spec.fingerprint}".encode()
+    digest = hashlib.sha256(text).hexdigest()
+    return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+
+
+def batch_key(spec: BodySpec, member_keys: Sequence[str]) -> str:
+    """The Idempotency-Key of a batch: derived from its members' keys, in order, and its
+    format. The same exports in the same states, batched the same way, repeat it (a retry
+    of the batch); any newer state among them, or other members, gives a new one."""
+    text = "\0".join(("batch", spec.batch.format, *member_keys)).encode()
     digest = hashlib.sha256(text).hexdigest()
     return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
 

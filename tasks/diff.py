@@ -1,7 +1,7 @@
 """Change detection: which profiles of one micro-batch a dataflow must export, and why.
 
 The README's "When a profile is exported": a mapped attribute path written (even with the same
-value), an identity added, or a mapped segment's membership flipped against what this
+value), a change of the identity map, or a mapped segment's membership flipped against what this
 dataflow last saw; and only for profiles that are members of a mapped segment or have
 just exited one. Several changes of a profile in a batch give one export.
 """
@@ -22,7 +22,7 @@ CHANGE_SCHEMA = {
     "profile_id": pl.String,
     "committed_at": pl.Int64,
     "attr_paths": pl.String,
-    "identity_added": pl.Int64,
+    "identity_changed": pl.Int64,
     "segments": pl.String,
 }
 
@@ -60,7 +60,7 @@ def candidates(changes: Sequence[tuple] | pl.DataFrame, mapped_attributes: Seque
         seg_hit = pl.lit(False)
     flagged = df.with_columns(
         attribute=pl.col("seq").is_in(attr_seqs.implode()),
-        identity=pl.col("identity_added") > 0,
+        identity=pl.col("identity_changed") > 0,
         segment=seg_hit,
     )
     hit = pl.col("attribute") | pl.col("identity") | pl.col("segment")

@@ -2,16 +2,30 @@
 
 A fixed pool of sender coroutines pulls exports from a queue while a committer records the
 outcomes in groups. A semaphore of ``max_in_flight`` slots is taken before a request is
-sent and given back only once its outcome is committed, so sent-but-unrecorded exports
+sent and given back only once its outcome is committed, so sent-but-unrecorded requests
 never exceed ``max_in_flight``: a crash re-sends (under the same Idempotency-Key) at most
 that many. Whether an outcome is retried, and when, is the retry policy's call
 (``destinations.retry``); this module only carries it out.
+
+With batching (``batch.max_profiles`` above 1) a request carries a batch: a sender takes
+the next exports of the round, renders each, and cuts the batch at ``max_profiles`` or
+before ``max_bytes`` (``tasks.body.fits``). The round holds one export per profile, and
+the next round is claimed only once this one's outcomes are committed, so per-profile
+order holds across batches. One request is one slot, one rate-limit token, one
+Idempotency-Key (``tasks.body.batch_key``) and one signature. The batch's exports share
+its verdict: delivered, retried together (the same members, so the same key, as long as
+their states did not change), or each put in the failed store. An export that cannot be
+rendered (its template fails) goes to the failed store alone, with the error; the others
+go on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from destinations.outcome import Outcome
@@ -21,12 +35,127 @@ from destinations.sender import Sender
 from state import Store
 from state.db import now_ms
 from state.model import Attempt, Pending, StoredProfile
-from tasks.body import BodySpec, idempotency_key, render
+from tasks.body import BodySpec, TemplateError, batch_key, fits, frame, idempotency_key, render
+from tasks.lifecycle import unsent_reason
 
 ROUND_SIZE = 5_000
+MAX_BATCHED_ROUND = 20_000  # exports claimed at once when batching (profiles held in memory)
 COMMIT_GROUP = 0.5  # share of max_in_flight whose outcomes are committed together
-SEQUENCE_HEADER = "X-Relay-Sequence"
+SEQUENCE_HEADER = "X-Relay-Sequence"  # unbatched requests: the change seq of the state sent
+BATCH_SIZE_HEADER = "X-Relay-Batch-Size"  # batched requests: how many exports they carry
 MISSING_PROFILE = "the profile is no longer in the store"
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a round's profiles are decoded and rendered.
+    Those make tens of thousands of acyclic dicts and lists that survive the round; each
+    collection would walk the whole heap for nothing (it was most of the time spent
+    decoding profiles). Never held across an ``await``."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def round_size(spec: BodySpec, max_in_flight: int) -> int:
+    """Exports claimed per round: enough for every slot to carry a full batch, bounded."""
+    if not spec.batched:
+        return ROUND_SIZE
+    want = min(spec.batch.max_profiles * max_in_flight, MAX_BATCHED_ROUND)
+    return max(ROUND_SIZE, spec.batch.max_profiles, want)
+
+
+class _DistinctMs:
+    """Epoch ms, never the same twice in this process: a batch's attempt time tells its
+    exports apart from another batch's when they wait for a retry (see ``_Batches``)."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def __call__(self) -> int:
+        self.last = max(now_ms(), self.last + 1)
+        return self.last
+
+
+_batch_clock = _DistinctMs()
+
+
+def _unsent(item: Pending, sent_seq: int, key: str, error: str) -> tuple[str, Attempt]:
+    """An export that failed for good without a request (no profile, or no body)."""
+    return "failed", Attempt(item, sent_seq, key, None, error, now_ms())
+
+
+class _Batches:
+    """A round's exports, taken a batch at a time, rendered as they are taken.
+
+    Exports waiting for a retry are batched with the ones they were sent with: a batch's
+    exports share their attempt count and first attempt time (distinct per batch), so
+    they are grouped on that and a retried batch carries the same members in the same
+    order, and repeats its Idempotency-Key unless a member's state changed meanwhile.
+    Exports never tried make one group. An export rendered but cut off by ``max_bytes``
+    stays at the head of its group, rendered, for the next batch."""
+
+    def __init__(self, items: list[Pending], profiles: dict[str, StoredProfile],
+                 spec: BodySpec) -> None:
+        fresh: deque = deque()
+        retried: dict[tuple[int, int | None], deque] = {}
+        for item in items:
+            if item.attempts == 0:
+                fresh.append(item)
+            else:
+                retried.setdefault((item.attempts, item.first_attempt_at), deque()).append(item)
+        self._groups = deque(g for g in (*retried.values(), fresh) if g)
+        self._profiles = profiles
+        self._spec = spec
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
+
+    def take(self) -> tuple[list[tuple[Pending, StoredProfile, str]], list[bytes],
+                            list[tuple[str, Attempt]]]:
+        """The next batch: its members (export, profile, key) and their rendered parts,
+        and the exports that failed on the way (no profile, template error)."""
+        members: list[tuple[Pending, StoredProfile, str]] = []
+        parts: list[bytes] = []
+        failed: list[tuple[str, Attempt]] = []
+        if not self._groups:
+            return members, parts, failed
+        group = self._groups[0]
+        spec = self._spec
+        size = 0
+        while group:
+            head = group[0]
+            if isinstance(head, tuple):  # rendered for the last batch, which it did not fit
+                item, profile, key, part = head
+            else:
+                item = head
+                profile = self._profiles.get(item.profile_id)
+                if profile is None:
+                    group.popleft()
+                    failed.append(_unsent(item, item.seq, "", MISSING_PROFILE))
+                    continue
+                key = idempotency_key(spec, item.profile_id, profile.last_seq)
+                try:
+                    part = render(profile, spec)
+                except TemplateError as exc:
+                    group.popleft()
+                    failed.append(_unsent(item, profile.last_seq, key, f"template: {exc}"))
+                    continue
+            if not fits(size, len(parts), len(part), spec):
+                group[0] = (item, profile, key, part)
+                break
+            group.popleft()
+            members.append((item, profile, key))
+            parts.append(part)
+            size += len(part)
+        if not group:
+            self._groups.popleft()
+        return members, parts, failed
 
 
 @dataclass
@@ -55,20 +184,25 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
                      items: list[Pending]) -> DeliverySummary:
     """Send each item once; outcomes are committed in groups as they come in (a group is
     committed at ``COMMIT_GROUP`` of the slots, or when every slot waits for a commit)."""
-    profiles = store.load_profiles([i.profile_id for i in items])
-    # Sending renders the profile's state now, which may be newer than the change that
-    # queued a streamed export; when that state has been delivered already there is
-    # nothing new to say. A backfill is sent regardless: it was asked for.
-    skipped = [i for i in items if i.reason != "backfill"
-               and (p := profiles.get(i.profile_id)) is not None and p.last_seq <= i.delivered_seq]
+    with paused_gc():
+        profiles = store.load_profiles([i.profile_id for i in items])
+    # Closed without a request, counted per reason (``tasks.lifecycle.unsent_reason``): a
+    # streamed state already delivered (a backfill is sent regardless: it was asked for), a
+    # profile with neither identities nor mapped attributes, a profile forgotten meanwhile.
+    skipped: dict[str, list[Pending]] = {}
+    for i in items:
+        why = unsent_reason(i, profiles.get(i.profile_id), spec.attribute_paths)
+        if why is not None:
+            skipped.setdefault(why, []).append(i)
+    for why, closed in skipped.items():
+        store.record_outcomes(dataflow, [], [], [], closed, skip_reason=why)
     if skipped:
-        store.record_outcomes(dataflow, [], [], [], skipped)
-        done = {i.profile_id for i in skipped}
+        done = {i.profile_id for closed in skipped.values() for i in closed}
         items = [i for i in items if i.profile_id not in done]
     summary = DeliverySummary(sent=len(items))
-    queue = deque(items)
     slots = asyncio.Semaphore(max_in_flight)
-    pending: list[tuple[str, Attempt]] = []
+    # one entry per slot: a request's exports, or exports failed before any request
+    pending: list[list[tuple[str, Attempt]]] = []
     wake = asyncio.Event()
     finished = False
     group = max(1, int(max_in_flight * COMMIT_GROUP))
@@ -82,39 +216,76 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
         verdict, next_at = policy.judge(outcome, item.attempts, at)
         return verdict, Attempt(item, sent_seq, key, outcome.status, outcome.error, at, next_at)
 
+    queue = deque(items)
+
     async def worker() -> None:
+        """One export per request."""
         while queue:
             item = queue.popleft()
             await slots.acquire()
             profile = profiles.get(item.profile_id)
             if profile is None:
-                pending.append(judged(item, None, None, ""))
+                pending.append([judged(item, None, None, "")])
             else:
-                await bucket.acquire()
                 key = idempotency_key(spec, item.profile_id, profile.last_seq)
-                outcome = await sender.send(render(profile, spec), key,
-                                            {SEQUENCE_HEADER: str(profile.last_seq)})
-                pending.append(judged(item, profile, outcome, key))
+                try:
+                    body = render(profile, spec)
+                except TemplateError as exc:
+                    pending.append([_unsent(item, profile.last_seq, key, f"template: {exc}")])
+                else:
+                    await bucket.acquire()
+                    outcome = await sender.send(body, key, {SEQUENCE_HEADER: str(profile.last_seq)})
+                    pending.append([judged(item, profile, outcome, key)])
+            if len(pending) >= group or slots.locked():
+                wake.set()
+
+    batches = _Batches(items, profiles, spec) if spec.batched else None
+
+    async def batch_worker() -> None:
+        """One batch per request."""
+        assert batches is not None
+        while batches:
+            await slots.acquire()
+            with paused_gc():
+                members, parts, done = batches.take()
+            if members:
+                key = batch_key(spec, [k for _, _, k in members])
+                body = frame(parts, spec)
+                del parts
+                await bucket.acquire()
+                outcome = await sender.send(body, key, {BATCH_SIZE_HEADER: str(len(members))})
+                at = _batch_clock()
+                verdict, next_at = policy.judge(outcome, members[0][0].attempts, at)
+                with paused_gc():
+                    done += [(verdict, Attempt(item, profile.last_seq, key, outcome.status,
+                                               outcome.error, at, next_at))
+                             for item, profile, _ in members]
+            if not done:  # another sender took the last exports meanwhile
+                slots.release()
+                continue
+            pending.append(done)
             if len(pending) >= group or slots.locked():
                 wake.set()
 
     async def committer() -> None:
         while True:
             if pending and (finished or len(pending) >= group or slots.locked()):
-                batch = pending[:]
+                entries = pending[:]
                 pending.clear()
                 by_verdict: dict[str, list[Attempt]] = {"delivered": [], "retrying": [],
                                                         "failed": []}
-                for verdict, attempt in batch:
-                    by_verdict[verdict].append(attempt)
-                    if attempt.error:
-                        summary.last_error = attempt.error
-                store.record_outcomes(dataflow, by_verdict["delivered"], by_verdict["retrying"],
-                                      by_verdict["failed"])
+                for entry in entries:
+                    for verdict, attempt in entry:
+                        by_verdict[verdict].append(attempt)
+                        if attempt.error:
+                            summary.last_error = attempt.error
+                with paused_gc():
+                    store.record_outcomes(dataflow, by_verdict["delivered"],
+                                          by_verdict["retrying"], by_verdict["failed"])
                 summary.delivered += len(by_verdict["delivered"])
                 summary.retrying += len(by_verdict["retrying"])
                 summary.failed += len(by_verdict["failed"])
-                for _ in batch:
+                for _ in entries:
                     slots.release()
                 await asyncio.sleep(0)  # let the senders run between commits
             elif finished:
@@ -125,7 +296,8 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
 
     async def send_all() -> None:
         nonlocal finished
-        await asyncio.gather(*(worker() for _ in range(min(max_in_flight, len(items)))))
+        sender_task = batch_worker if batches is not None else worker
+        await asyncio.gather(*(sender_task() for _ in range(min(max_in_flight, len(items)))))
         finished = True
         wake.set()
 
@@ -140,7 +312,11 @@ async def drain(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy
     """Send everything due, round after round, each export at most once per drain."""
     total = DeliverySummary()
     started = now_ms()
-    while items := store.claim_due(dataflow, now_ms(), ROUND_SIZE, tried_before=started):
+    limit = round_size(spec, max_in_flight)
+    while True:  # ends: each export is claimed at most once per drain (tried_before)
+        with paused_gc():
+            items = store.claim_due(dataflow, now_ms(), limit, tried_before=started)
+        if not items:
+            return total
         total.add(await send_round(store, dataflow, spec, policy, sender, bucket,
                                    max_in_flight, items))
-    return total

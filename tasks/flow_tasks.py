@@ -58,7 +58,8 @@ async def dispatch_task(store: Store, config: Config, dataflow: str, call: PassR
     flow = config.dataflow(dataflow)
     result = await pipeline.run_pass(
         store, config, flow, wait_due=settle or is_retry,
-        lock_wait=SENDER_WAIT_SECONDS if settle else 0.0, logger=get_run_logger())
+        lock_wait=SENDER_WAIT_SECONDS if settle else 0.0,
+        fill_wait=not settle and not is_retry, logger=get_run_logger())
     call.add(result)
     if result.delivery.retrying:
         raise RetryableDelivery(result.delivery.retrying, result.delivery.last_error)

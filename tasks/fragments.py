@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from state.model import STATUSES, Fragment, iso_utc
+from state.model import AUTHENTICATED_STATES, STATUSES, Fragment, iso_utc
 
 MAX_LINE_BYTES = 1_048_576
 MAX_DEPTH = 32
@@ -72,6 +72,23 @@ def _check_attributes(value: dict[str, Any], prefix: str, depth: int, out: list[
             out.append(prefix + key)
 
 
+def _check_identity_fields(entry: dict[str, Any], where: str) -> None:
+    """The fields of an identity entry besides its id: ``removed`` (true removes the
+    identity), and the known ones with their types; other fields are kept as given."""
+    removed = entry.get("removed", False)
+    if not isinstance(removed, bool):
+        raise FragmentError(f"{where}.removed must be true (remove this identity) or false, "
+                            f"got {str(removed)[:40]!r}")
+    primary = entry.get("primary")
+    if primary is not None and not isinstance(primary, bool):
+        raise FragmentError(f"{where}.primary must be true or false, got {str(primary)[:40]!r}")
+    state = entry.get("authenticatedState")
+    if state is not None and state not in AUTHENTICATED_STATES:
+        raise FragmentError(f"{where}.authenticatedState must be one of "
+                            f"{', '.join(sorted(AUTHENTICATED_STATES))}, got {str(state)[:40]!r}")
+    _check_nesting(entry, where, 3)
+
+
 def _where(prefix: str) -> str:
     return f"attributes.{prefix[:-1]}" if prefix else "attributes"
 
@@ -117,13 +134,17 @@ def parse_fragment(line: bytes | str, catalogue: frozenset[str], now_ms: int) ->
         for ns, entries in ids.items():
             if not ns:
                 raise FragmentError("identityMap has an empty namespace")
+            if entries is None:  # removes the namespace
+                frag.identities[ns] = None
+                continue
             if not isinstance(entries, list):
-                raise FragmentError(f"identityMap.{ns} must be a list of {{\"id\": ...}}")
+                raise FragmentError(f"identityMap.{ns} must be a list of {{\"id\": ...}}, "
+                                    "or null to remove the namespace")
             for i, entry in enumerate(entries):
                 if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
                     raise FragmentError(f"identityMap.{ns}[{i}] must be an object with a string id")
                 if len(entry) > 1:
-                    _check_nesting(entry, f"identityMap.{ns}[{i}]", 3)
+                    _check_identity_fields(entry, f"identityMap.{ns}[{i}]")
             frag.identities[ns] = entries
 
     membership = doc.get("segmentMembership")

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -24,15 +24,17 @@ from destinations.retry import RetryPolicy
 from destinations.sender import Sender
 from state import CursorMoved, Store
 from state.db import now_ms
-from state.model import Backfill, Export, FailedEntry, SyncResult
+from state.model import QUALIFIED, REMAP_BACKFILL, Backfill, Export, FailedEntry, SyncResult
 from tasks.body import BodySpec
 from tasks.diff import candidates, decide
 from tasks.dispatch import DeliverySummary, drain
+from tasks.lifecycle import public_endpoint
 
 BATCH_CHANGES = 10_000
 BACKFILL_CHUNK = 5_000
 MAX_BATCHES_PER_PASS = 20  # then deliver, so a long backlog does not hold up sending
 LOCK_POLL_SECONDS = 0.05
+FILL_POLL_SECONDS = 0.05  # while a stream pass waits to fill a batch (batch.max_wait_ms)
 
 log = logging.getLogger("profile_relay")
 
@@ -81,13 +83,42 @@ def mapping_hash(config: Config, flow: Dataflow) -> str:
 
 def sync(store: Store, config: Config, flow: Dataflow,
          logger: logging.Logger | logging.LoggerAdapter = log) -> SyncResult:
+    endpoint = public_endpoint(config.destination(flow.destination).endpoint)
     result = store.sync_dataflow(flow.name, flow.destination, flow.segments,
-                                 mapping_hash(config, flow))
+                                 mapping_hash(config, flow), endpoint)
+    if result.resumed:
+        cursor = store.cursor(flow.name)
+        logger.info("%s: back in the config: resuming where it stopped (cursor %d, %d change(s) "
+                    "to catch up)", flow.name, cursor, max(0, store.head_seq() - cursor))
+    if result.moved_from is not None:
+        logger.warning("%s: destination changed from %s (%s) to %s (%s); nothing is re-sent: "
+                       "`profile-relay backfill --dataflow %s` sends every qualified profile "
+                       "to it", flow.name, result.moved_from[0], result.moved_from[1] or "-",
+                       flow.destination, endpoint, flow.name)
     if result.created:
         logger.info("%s: new dataflow, backfilling its segments", flow.name)
     elif result.new_segments:
-        logger.info("%s: newly mapped %s, backfilling", flow.name, ", ".join(result.new_segments))
+        fresh = [s for s in result.new_segments if s not in result.remapped]
+        if fresh:
+            logger.info("%s: newly mapped %s, backfilling", flow.name, ", ".join(fresh))
+        if result.remapped:
+            logger.info("%s: mapped again %s, backfilling, with the exits that happened while "
+                        "unmapped", flow.name, ", ".join(result.remapped))
     return result
+
+
+def _tracked(qualified: str, keep: set[str]) -> str:
+    """The segments of a stored snapshot that are in ``keep``, newline separated."""
+    if not qualified:
+        return ""
+    return "\n".join(s for s in qualified.split("\n") if s in keep)
+
+
+def _joined(qualified: str, more: Sequence[str]) -> str:
+    """A snapshot: the mapped segments qualified now, then the unmapped ones the receiver
+    last saw qualified (exported states show every segment)."""
+    extra = [s for s in more if s]
+    return "\n".join([qualified, *extra]) if qualified and extra else qualified or "\n".join(extra)
 
 
 def body_spec(store: Store, config: Config, flow: Dataflow) -> BodySpec:
@@ -100,21 +131,44 @@ def decide_batch(store: Store, flow: Dataflow, limit: int = BATCH_CHANGES) -> Ba
     """Decide one micro-batch after the dataflow's cursor and queue its exports, the new
     snapshots and the advanced cursor in one transaction. None when there is nothing new."""
     start = store.cursor(flow.name)
+    read_at = now_ms()
     rows = store.read_changes(start, limit)
     if not rows:
         return None
     cands = candidates(rows, flow.attributes, flow.segments)
     pids = cands.get_column("profile_id").to_list()
     seen = store.snapshots(flow.name, pids)
-    decisions = decide(cands, store.memberships(pids, flow.segments),
-                       {pid: qualified for pid, (qualified, _) in seen.items()})
+    # Snapshots also keep the segments this dataflow mapped once and unmapped since, as the
+    # receiver last saw them (see ``_joined``); flips are judged on the mapped ones only.
+    mapped = set(flow.segments)
+    unmapped = store.unmapped_segments(flow.name)
+    members = store.memberships(pids, [*flow.segments, *unmapped])
+    held: dict[str, list[str]] = {}
+    if unmapped:
+        for pid, seg, status in members:
+            if seg not in mapped and status in QUALIFIED:
+                held.setdefault(pid, []).append(seg)
+        members = [m for m in members if m[1] in mapped]
+    only_mapped: dict[str, str] = {}  # few distinct snapshots: filter each once
+    for qualified, _ in seen.values():
+        if qualified not in only_mapped:
+            only_mapped[qualified] = _tracked(qualified, mapped)
+    decisions = decide(cands, members, {pid: only_mapped[qualified]
+                                        for pid, (qualified, _) in seen.items()})
     # A backfill may already have queued a state at or after this change (the cursor lags
     # behind a newly mapped segment's backfill): exporting again would repeat that state.
-    exports = [Export(d.profile_id, d.seq, d.reason, d.change_at, d.qualified)
+    exports = [Export(d.profile_id, d.seq, d.reason, d.change_at,
+                      _joined(d.qualified, held[d.profile_id]) if d.profile_id in held
+                      else d.qualified)
                for d in decisions if d.export and d.seq > seen.get(d.profile_id, ("", 0))[1]]
     picked = {e.profile_id for e in exports}
-    moved = [(d.profile_id, d.qualified) for d in decisions if d.profile_id not in picked]
-    store.enqueue_exports(flow.name, exports, moved, cursor_from=start, cursor_to=rows[-1][0])
+    unmapped_set = set(unmapped)
+    moved = [(d.profile_id, _joined(d.qualified, _tracked(
+                 seen.get(d.profile_id, ("", 0))[0], unmapped_set).split("\n"))
+              if unmapped else d.qualified)
+             for d in decisions if d.profile_id not in picked]
+    store.enqueue_exports(flow.name, exports, moved, cursor_from=start, cursor_to=rows[-1][0],
+                          read_at=read_at)
     return BatchResult(len(rows), len(exports), rows[-1][0])
 
 
@@ -123,6 +177,7 @@ def backfill(store: Store, flow: Dataflow, job: Backfill, chunk: int = BACKFILL_
     """Queue every profile qualified for the job's segments, in profile order, chunk by
     chunk; progress is saved with each chunk, so a crash resumes where it stopped."""
     segments = [job.segment_id] if job.segment_id else list(flow.segments)
+    tracked = [*flow.segments, *store.unmapped_segments(flow.name)]
     total = job.total
     if total is None:
         total = store.count_qualified(segments) + job.done
@@ -132,13 +187,25 @@ def backfill(store: Store, flow: Dataflow, job: Backfill, chunk: int = BACKFILL_
     while pids := store.qualified_after(segments, after, chunk):
         now = now_ms()
         exports = [Export(pid, seq, "backfill", now, qualified)
-                   for pid, seq, qualified in store.backfill_rows(pids, flow.segments)]
-        store.enqueue_exports(flow.name, exports, backfill=(job.id, pids[-1], len(pids)))
+                   for pid, seq, qualified in store.backfill_rows(pids, tracked)]
+        store.enqueue_exports(flow.name, exports, backfill=(job.id, pids[-1], len(pids)),
+                              read_at=now)
         after = pids[-1]
         done += len(pids)
         exported += len(exports)
         if on_progress:
             on_progress(done, max(total, done))
+    # A segment mapped again: then the exits this dataflow has not seen, profiles its
+    # receiver last saw qualified for it that left it while it was unmapped.
+    after = ""
+    while job.reason == REMAP_BACKFILL and (
+            pids := store.stale_qualified(flow.name, segments, after, chunk)):
+        now = now_ms()
+        exports = [Export(pid, seq, "backfill", now, qualified)
+                   for pid, seq, qualified in store.backfill_rows(pids, tracked)]
+        store.enqueue_exports(flow.name, exports, read_at=now)
+        after = pids[-1]
+        exported += len(exports)
     store.finish_backfill(job.id)
     return exported
 
@@ -215,12 +282,45 @@ async def deliver(store: Store, config: Config, flow: Dataflow, *, wait_due: boo
         lock.release()
 
 
+async def fill_batch(store: Store, config: Config, flow: Dataflow, result: PassResult,
+                     logger: logging.Logger | logging.LoggerAdapter = log) -> None:
+    """With batching, while fewer exports than ``batch.max_profiles`` are due, keep
+    deciding new changes for up to ``batch.max_wait_ms``, so a quiet moment sends one fuller
+    batch rather than a few small ones. Nothing waits when nothing is due."""
+    batch = config.destination(flow.destination).batch
+    if not batch.enabled or batch.max_wait_ms <= 0:
+        return
+    deadline = time.monotonic() + batch.max_wait_ms / 1000
+    for _ in range(int(batch.max_wait_ms / 1000 / FILL_POLL_SECONDS) + 1):
+        left = deadline - time.monotonic()
+        if left <= 0 or not 0 < store.pending_count(flow.name) < batch.max_profiles:
+            return
+        due = store.next_due(flow.name)
+        if due is None or due > now_ms():
+            return
+        await asyncio.sleep(min(FILL_POLL_SECONDS, left))
+        for _ in range(MAX_BATCHES_PER_PASS):
+            try:
+                decided = decide_batch(store, flow)
+            except CursorMoved:
+                return
+            if decided is None:
+                break
+            result.changes += decided.changes
+            result.exports += decided.exports
+            logger.info("%s: %d change(s) -> %d export(s), cursor %d (filling a batch)",
+                        flow.name, decided.changes, decided.exports, decided.cursor)
+
+
 async def run_pass(store: Store, config: Config, flow: Dataflow, *, wait_due: bool = False,
-                   lock_wait: float = 0.0,
+                   lock_wait: float = 0.0, fill_wait: bool = False,
                    logger: logging.Logger | logging.LoggerAdapter = log) -> PassResult:
-    """One whole pass: decide, then one attempt for each export due."""
+    """One whole pass: decide, then one attempt for each export due. ``fill_wait`` (a
+    streaming pass): first wait up to ``batch.max_wait_ms`` to fill a batch."""
     result = PassResult()
     decide_pass(store, config, flow, result, logger)
+    if fill_wait:
+        await fill_batch(store, config, flow, result, logger)
     result.delivery = await deliver(store, config, flow, wait_due=wait_due, lock_wait=lock_wait)
     return result
 

@@ -2,9 +2,12 @@
 
 The sample is what the first dataflow using the destination would export: its mapped
 attributes filled with sample values, its mapped segments as realized, a sample identity,
-rendered by the one body builder (segment names and timestamps as configured). It goes
-out through :class:`destinations.sender.Sender`, so auth, headers, query parameters and
-signing are exactly those of a real delivery.
+rendered by the one body builder (segment names and timestamps as configured, through the
+destination's template, in its batch format). It goes out through
+:class:`destinations.sender.Sender`, so auth, headers, query parameters and signing are
+exactly those of a real delivery; ``--dry-run`` shows that request without sending it.
+``validate`` renders each destination's template against the same sample
+(:func:`template_problems`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from config import (
     OAuth2PasswordAuth,
 )
 from destinations.outcome import Outcome
-from destinations.sender import USER_AGENT, Sender
+from destinations.sender import USER_AGENT, Sender, content_type
 from state.db import now_ms
 from state.model import StoredProfile
-from tasks.body import BodySpec, document, render, set_path
+from tasks.body import BodySpec, TemplateError, document, frame, render, set_path, template_for
+from tasks.dispatch import BATCH_SIZE_HEADER
 
 SAMPLE_PROFILE_ID = "profile-relay-test-send"
 SHOW_BODY_BYTES = 300
@@ -74,11 +78,35 @@ def sample_value(path: str) -> Any:
 class SampleExport:
     dataflow: str | None   # the dataflow it was modelled on (None: no dataflow uses it)
     document: dict[str, Any]
-    body: bytes
+    body: bytes            # the request body: rendered (template) and framed (batch)
+    batched: bool = False
 
 
 def sample_export(config: Config, destination: str) -> SampleExport:
-    """The export the first dataflow to ``destination`` would send for a sample profile."""
+    """The request the first dataflow to ``destination`` would send for a sample profile:
+    the export object, and the body as the destination's template and batch format make
+    it (a batch of one). Raises :class:`TemplateError` when the template fails on it."""
+    profile, spec, flow = _sample(config, destination)
+    body = frame([render(profile, spec)], spec)
+    return SampleExport(flow, document(profile, spec), body, spec.batched)
+
+
+def template_problems(config: Config) -> list[tuple[str, str]]:
+    """Each destination template that fails on the sample profile, as (field path, error
+    with the template's line): what ``validate`` reports."""
+    problems = []
+    for i, dest in enumerate(config.destinations):
+        if dest.template is None:
+            continue
+        try:
+            sample_export(config, dest.name)
+        except TemplateError as exc:
+            problems.append((f"destinations[{i}].template",
+                             f"{exc} (rendering the sample profile)"))
+    return problems
+
+
+def _sample(config: Config, destination: str) -> tuple[StoredProfile, BodySpec, str | None]:
     dest = config.destination(destination)
     flow: Dataflow | None = next((f for f in config.dataflows if f.destination == dest.name), None)
     attributes: dict[str, Any] = {}
@@ -95,8 +123,11 @@ def sample_export(config: Config, destination: str) -> SampleExport:
         spec = BodySpec.for_dataflow(config, flow, mapping_times)
     else:
         spec = BodySpec(dataflow="", attribute_paths=(), include_names=dest.include_segment_names,
-                           include_timestamps=dest.include_segment_timestamps,
-                           catalogue={s.id: s for s in config.segments}, mapping_times={})
+                        include_timestamps=dest.include_segment_timestamps,
+                        catalogue={s.id: s for s in config.segments}, mapping_times={},
+                        template=template_for(dest.template, dest.template_strict, dest.name,
+                                              dest.description),
+                        batch=dest.batch)
     profile = StoredProfile(
         profile_id=SAMPLE_PROFILE_ID,
         attributes=attributes,
@@ -104,8 +135,7 @@ def sample_export(config: Config, destination: str) -> SampleExport:
                       "email": [{"id": "jane.doe@example.com"}]},
         segments=segments,
     )
-    return SampleExport(flow.name if flow else None, document(profile, spec),
-                        render(profile, spec))
+    return profile, spec, flow.name if flow else None
 
 
 def _mask(name: str, value: str) -> str:
@@ -123,12 +153,15 @@ def display_url(sender: Sender) -> str:
     return str(url.with_query(pairs))
 
 
-def request_headers(dest: Destination, idempotency_key: str) -> list[tuple[str, str]]:
+def request_headers(dest: Destination, idempotency_key: str,
+                    extra: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """The headers the sender puts on the request, secret-looking values masked."""
     headers: dict[str, tuple[str, str]] = {}
-    for name, value in [("Content-Type", "application/json"), ("User-Agent", USER_AGENT),
+    for name, value in [("Content-Type", content_type(dest)), ("User-Agent", USER_AGENT),
                         *dest.header_pairs]:
         headers[name.lower()] = (name, _mask(name, value))
+    for name, value in (extra or {}).items():
+        headers[name.lower()] = (name, value)
     headers["idempotency-key"] = ("Idempotency-Key", idempotency_key)
     auth = dest.auth
     if isinstance(auth, BearerAuth):
@@ -244,15 +277,39 @@ class SampleSendResult:
         return self.outcome.body_start[:SHOW_BODY_BYTES]
 
 
-async def send_sample(config: Config, destination: str) -> SampleSendResult:
-    """Send one sample export to ``destination`` and diagnose the answer."""
+@dataclass(frozen=True)
+class SampleRequest:
+    """The test-send request as it goes out (headers with secret values masked)."""
+
+    sample: SampleExport
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    key: str
+    extra_headers: dict[str, str]
+
+
+def sample_request(config: Config, destination: str) -> SampleRequest:
+    """The request test-send makes, without sending it (``--dry-run``). Its
+    Idempotency-Key is new on every test-send, so a receiver that drops duplicates still
+    answers each one. Raises :class:`TemplateError` when the template fails."""
     dest = config.destination(destination)
     sample = sample_export(config, destination)
     key = str(uuid.uuid4())
+    extra = {BATCH_SIZE_HEADER: "1"} if sample.batched else {}
+    url = display_url(Sender(dest))
+    return SampleRequest(sample, "POST", url, request_headers(dest, key, extra), key, extra)
+
+
+async def send_sample(config: Config, destination: str) -> SampleSendResult:
+    """Send one sample export to ``destination`` and diagnose the answer."""
+    dest = config.destination(destination)
+    request = sample_request(config, destination)
     async with Sender(dest) as sender:
-        url = display_url(sender)
-        outcome = await sender.send(sample.body, key, keep_body=True)
+        outcome = await sender.send(request.sample.body, request.key, request.extra_headers,
+                                    keep_body=True)
     result_ok = outcome.status is not None and 200 <= outcome.status < 300
     diagnosis = None if result_ok else await diagnose(outcome, dest)
-    return SampleSendResult(sample, "POST", url, request_headers(dest, key), outcome, diagnosis)
+    return SampleSendResult(request.sample, request.method, request.url, request.headers,
+                            outcome, diagnosis)
 

@@ -1,4 +1,4 @@
-"""Config loading and validation (SPEC "Config file"): real YAML files, exact field paths."""
+"""Config loading and validation (the README's "Config reference"): real YAML files, exact field paths."""
 
 from __future__ import annotations
 

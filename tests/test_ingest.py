@@ -1,4 +1,4 @@
-"""Ingest (SPEC "Ingest format"): parsing, merge semantics, change log, rejections,
+"""Ingest (the README's "Ingest format"): parsing, merge semantics, change log, rejections,
 ordering, atomic batches, a large round trip, and property tests. Real SQLite files."""
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def test_identities_are_added_and_deduplicated(db) -> None:
         "email": [{"id": "a@x.com", "primary": True}],
         "crm": [{"id": "c9"}],
     }
-    assert [c["identity_added"] for c in changes(db)] == [1, 1, 0, 1]
+    assert [c["identity_changed"] for c in changes(db)] == [1, 1, 0, 1]
     assert orjson.loads(changes(db)[1]["identities"]) == {
         "ecid": [{"id": "e2"}, {"id": "e1"}, {"id": "e2"}]}
 
@@ -158,7 +158,7 @@ def test_identities_are_added_and_deduplicated(db) -> None:
 def test_identities_are_per_profile(db) -> None:
     ingest(db, [frag("p-1", identityMap={"ecid": [{"id": "same"}]}),
                 frag("p-2", identityMap={"ecid": [{"id": "same"}]})])
-    assert [c["identity_added"] for c in changes(db)] == [1, 1]
+    assert [c["identity_changed"] for c in changes(db)] == [1, 1]
 
 
 def test_segment_status_is_set_and_latest_wins(db) -> None:
@@ -224,7 +224,7 @@ def test_change_log_row_per_fragment(db) -> None:
     assert [r["profile_id"] for r in rows] == ["p-1", "p-1", "p-2", "p-1"]
     assert [r["attr_paths"] for r in rows] == [
         "person.name.firstName\nemail", "person.name.firstName", "gone", None]
-    assert [r["identity_added"] for r in rows] == [0, 0, 1, 0]
+    assert [r["identity_changed"] for r in rows] == [0, 0, 1, 0]
     assert [r["identities"] for r in rows] == [None, None, '{"ecid":[{"id":"1"}]}', None]
     assert all(r["segments"] is None for r in rows)
     assert [r["shard"] for r in rows] == [shard_of(r["profile_id"]) for r in rows]
@@ -580,7 +580,7 @@ def test_large_round_trip_matches_a_model(tmp_path: Path) -> None:
         assert (result.ingested, result.rejected) == (n_frags, 0)
         conn = db.db.conn
         assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] == n_frags
-        assert conn.execute("SELECT sum(identity_added) FROM changes").fetchone()[0] == model_added
+        assert conn.execute("SELECT sum(identity_changed) FROM changes").fetchone()[0] == model_added
         assert db.profile_count() == len(model_attrs)
         sample = sorted(model_attrs)
         sample = sample[:50] + rng.sample(sample, 200) + sample[-50:]

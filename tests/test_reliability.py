@@ -1,9 +1,9 @@
-"""Crash, outage and concurrency checks with real processes (SPEC "Delivery").
+"""Crash, outage and concurrency checks with real processes (the README's "Guarantees").
 
 Every check runs `profile-relay` as child processes against one SQLite file, with a
 recording endpoint in its own process and a steady ingest driver (``testkit.procs``), all
 talking to ONE Prefect server started for this module. Afterwards the endpoint's record
-and the store are compared with the spec:
+and the store are compared with the export rules:
 
 * every eligible profile's latest state reached the endpoint (its last 200-answered
   ``X-Relay-Sequence`` equals the profile's last mapped-write seq, which the dataflow
@@ -316,7 +316,7 @@ def outage_run(api: str, directory: Path, refuse_s: float, error_s: float, rate:
 
 def test_outage_short_nothing_lost(prefect_api: str, tmp_path: Path) -> None:
     """3 s refused, 3 s of 500s, recovery: delivered or failed, then replay reconciles."""
-    outage_run(prefect_api, tmp_path, refuse_s=3, error_s=3, rate=500, profiles=5000,
+    outage_run(prefect_api, tmp_path, refuse_s=2, error_s=2, rate=500, profiles=5000,
                backoff=0.1)
 
 
@@ -383,7 +383,7 @@ def concurrent_run(api: str, directory: Path, seconds: float, rate: float,
 
 
 def test_concurrent_ingest_stream_replay_short(prefect_api: str, tmp_path: Path) -> None:
-    concurrent_run(prefect_api, tmp_path, seconds=12, rate=1000, profiles=5000)
+    concurrent_run(prefect_api, tmp_path, seconds=6, rate=1000, profiles=5000)
 
 
 @pytest.mark.slow

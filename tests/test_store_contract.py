@@ -47,6 +47,12 @@ def registered(store: Store, segments: tuple[str, ...] = ("seg-a",)) -> None:
 
 
 def queue(store: Store, *exports: Export) -> None:
+    """Queue exports, first storing any of their profiles the store lacks (an export of a
+    profile not in the store is dropped)."""
+    pids = list(dict.fromkeys(e.profile_id for e in exports))
+    known = store.load_profiles(pids)
+    if missing := [pid for pid in pids if pid not in known]:
+        store.append_changes([frag(pid) for pid in missing])
     store.enqueue_exports(FLOW, list(exports))
 
 
@@ -257,3 +263,199 @@ def test_prune_deliveries_by_age(store: Store) -> None:
     assert store.prune_deliveries(now_ms() - 60_000) == 0
     assert store.prune_deliveries(now_ms() + 1) == 1
     assert store.stats(FLOW).delivered == 0
+
+
+# -- profile lifecycle ----------------------------------------------------------------------------
+
+def identity_flags(store: Store) -> list[int]:
+    return [row[4] for row in store.read_changes(0, 100)]
+
+
+def test_identity_changes_add_update_remove_and_no_op(store: Store) -> None:
+    store.append_changes([
+        frag("p-1", ids={"ecid": [{"id": "e1"}], "email": [{"id": "a@x.com"}]}),  # added
+        frag("p-1", ids={"ecid": [{"id": "e1"}]}),                                 # nothing new
+        frag("p-1", ids={"ecid": [{"id": "e1", "primary": True}]}),               # field added
+        frag("p-1", ids={"ecid": [{"id": "e1", "primary": True}]}),               # same again
+        frag("p-1", ids={"ecid": [{"id": "e1"}]}),                                 # field kept
+        frag("p-1", ids={"ecid": [{"id": "e1", "primary": False,
+                                   "authenticatedState": "authenticated"}]}),      # latest wins
+        frag("p-1", ids={"ecid": [{"id": "e2", "removed": True}]}),               # not there
+        frag("p-1", ids={"ecid": [{"id": "e1", "removed": True}]}),               # removed
+        frag("p-1", ids={"email": None, "crm": None}),                             # ns removed
+        frag("p-1", ids={"crm": [{"id": "c1", "primary": True}]}),
+        frag("p-1", ids={"crm": [{"id": "c1", "primary": None}]}),                # field removed
+    ])
+    assert identity_flags(store) == [1, 0, 1, 0, 0, 1, 0, 1, 1, 1, 1]
+    assert store.load_profiles(["p-1"])["p-1"].identity_map == {"crm": [{"id": "c1"}]}
+
+
+def test_sync_remembers_unmapped_segments_and_reports_a_remap(store: Store) -> None:
+    store.sync_dataflow(FLOW, "dest", ["seg-a", "seg-b"], "h", "http://h/1")
+    assert store.unmapped_segments(FLOW) == []
+    less = store.sync_dataflow(FLOW, "dest", ["seg-b"], "h", "http://h/1")
+    assert less.removed_segments == ("seg-a",) and store.unmapped_segments(FLOW) == ["seg-a"]
+    again = store.sync_dataflow(FLOW, "dest", ["seg-a", "seg-b", "seg-c"], "h", "http://h/1")
+    assert again.new_segments == ("seg-a", "seg-c") and again.remapped == ("seg-a",)
+    assert store.unmapped_segments(FLOW) == []
+    reasons = {j.segment_id: j.reason for j in store.open_backfills(FLOW) if j.segment_id}
+    assert reasons == {"seg-a": "segment mapped again", "seg-c": "segment newly mapped"}
+
+
+def test_sync_reports_a_move_of_destination_or_endpoint(store: Store) -> None:
+    first = store.sync_dataflow(FLOW, "dest", ["seg-a"], "h", "http://h/1")
+    assert first.created and first.moved_from is None
+    assert store.sync_dataflow(FLOW, "dest", ["seg-a"], "h", "http://h/1").moved_from is None
+    moved = store.sync_dataflow(FLOW, "dest", ["seg-a"], "h", "http://h/2")
+    assert moved.moved_from == ("dest", "http://h/1") and not moved.new_segments
+    renamed = store.sync_dataflow(FLOW, "other", ["seg-a"], "h2", "http://h/2")
+    assert renamed.moved_from == ("dest", "http://h/2")
+    [stored] = store.stored_dataflows()
+    assert (stored.name, stored.destination, stored.endpoint) == (FLOW, "other", "http://h/2")
+    assert store.open_backfills(FLOW)[-1].reason == "new dataflow"  # nothing new to send
+
+
+def test_removed_dataflows_are_marked_once_and_resume(store: Store) -> None:
+    store.append_changes([frag("p-1")])
+    registered(store)
+    store.sync_dataflow("other", "dest", ["seg-a"], "h")
+    assert store.mark_removed([FLOW, "other"]) == []
+    assert store.mark_removed([FLOW]) == ["other"]
+    assert store.mark_removed([FLOW]) == []  # once
+    stored = {f.name: f for f in store.stored_dataflows()}
+    assert stored["other"].removed_at is not None and stored[FLOW].removed_at is None
+    assert stored["other"].cursor == 1
+    back = store.sync_dataflow("other", "dest", ["seg-a"], "h")
+    assert back.resumed and not back.created and store.cursor("other") == 1
+    assert not store.sync_dataflow("other", "dest", ["seg-a"], "h").resumed
+
+
+def test_stale_qualified_finds_exits_the_snapshot_has_not_seen(store: Store) -> None:
+    store.append_changes([frag("p-1", segs={"seg-a": "exited"}), frag("p-2", segs={"seg-a": "realized"}),
+                          frag("p-3", segs={"seg-b": "realized"}), frag("p-4")])
+    registered(store, ("seg-a", "seg-b"))
+    store.enqueue_exports(FLOW, [], [("p-1", "seg-a\nseg-b"), ("p-2", "seg-a"), ("p-3", "seg-b"),
+                                     ("p-4", "seg-a")])
+    assert store.stale_qualified(FLOW, ["seg-a"], "", 10) == ["p-1", "p-4"]
+    assert store.stale_qualified(FLOW, ["seg-a"], "p-1", 10) == ["p-4"]
+    assert store.stale_qualified(FLOW, ["seg-a", "seg-b"], "", 1) == ["p-1"]
+    assert store.stale_qualified(FLOW, ["seg-b"], "", 10) == ["p-1"]
+    assert store.stale_qualified("other", ["seg-a"], "", 10) == []
+
+
+def test_exports_of_profiles_not_in_the_store_are_dropped(store: Store) -> None:
+    store.append_changes([frag("p-1")])
+    registered(store)
+    store.enqueue_exports(FLOW, [export("p-1", 1), export("gone", 1)], [("gone-too", "seg-a")])
+    assert [p.profile_id for p in store.claim_due(FLOW, 2**62, 10)] == ["p-1"]
+    assert store.snapshots(FLOW, ["p-1", "gone", "gone-too"]) == {"p-1": ("seg-a", 1)}
+
+
+def test_a_decision_read_before_a_forget_queues_nothing_for_it(store: Store) -> None:
+    store.append_changes([frag("p-1"), frag("p-2")])
+    registered(store)
+    read_at = now_ms() - 1                      # the decider reads p-1 and p-2 ...
+    store.forget(["p-1"])                       # ... p-1 is forgotten meanwhile
+    store.enqueue_exports(FLOW, [export("p-1", 1), export("p-2", 2)], [("p-1", "seg-a")],
+                          read_at=read_at)
+    assert [p.profile_id for p in store.claim_due(FLOW, 2**62, 10)] == ["p-2"]
+    assert store.snapshots(FLOW, ["p-1", "p-2"]).keys() == {"p-2"}
+    store.enqueue_exports(FLOW, [export("p-2", 3)], read_at=now_ms() + 120_000)  # read later
+    assert [p.seq for p in store.claim_due(FLOW, 2**62, 10)] == [3]
+
+
+def test_skipped_exports_are_closed_and_counted_by_reason(store: Store) -> None:
+    registered(store)
+    queue(store, export("p-1", 1), export("p-2", 2), export("p-3", 3))
+    items = {p.profile_id: p for p in store.claim_due(FLOW, 2**62, 10)}
+    store.record_outcomes(FLOW, [], [], [], [items["p-1"]])
+    store.record_outcomes(FLOW, [], [], [], [items["p-2"], items["p-3"]],
+                          skip_reason="no identity and no mapped attribute")
+    assert store.pending_count(FLOW) == 0
+    assert store.skipped_counts(FLOW) == {"no identity and no mapped attribute": 2,
+                                          "state already delivered": 1}
+    assert store.stats(FLOW).skipped == store.skipped_counts(FLOW)
+    assert store.skipped_counts("other") == {}
+
+
+def test_drop_dataflow_erases_its_state_only(store: Store) -> None:
+    registered(store)
+    store.sync_dataflow("kept", "dest", ["seg-a"], "h")
+    queue(store, export("p-1", 1), export("p-2", 2), export("p-3", 3))
+    store.enqueue_exports("kept", [export("p-1", 1)])
+    store.record_outcomes(FLOW, [attempt(store, "p-1")], [], [attempt(store, "p-2", 400, "HTTP 400")])
+    store.acquire_lease(FLOW, 0, "me", 1000)
+    counts = store.drop_dataflow(FLOW)
+    assert counts["dataflow"] == 1 and counts["queued exports"] == 1
+    assert counts["failed requests"] == 1 and counts["delivery records"] == 1
+    assert counts["profile snapshots"] == 3 and counts["backfills"] == 1
+    assert [f.name for f in store.stored_dataflows()] == ["kept"]
+    assert store.pending_count(FLOW) == 0 and store.open_failures(FLOW) == []
+    assert store.stats(FLOW).delivered == 0 and not store.stats(FLOW).known
+    assert store.pending_count("kept") == 1
+    again = store.sync_dataflow(FLOW, "dest", ["seg-a"], "h")  # back: a new dataflow
+    assert again.created and store.acquire_lease(FLOW, 0, "another", 1000) == 1
+
+
+def test_forget_erases_every_trace_and_a_later_fragment_starts_afresh(store: Store) -> None:
+    store.append_changes([frag("p-1", {"a": 1}, {"seg-a": "realized"}, {"ecid": [{"id": "e1"}]}),
+                          frag("p-2", {"a": 2}, {"seg-a": "realized"}),
+                          frag("p-1", {"b": 1}, {"seg-b": "realized"})])
+    registered(store)
+    store.enqueue_exports(FLOW, [export("p-1", 3), export("p-2", 2)])
+    store.record_outcomes(FLOW, [attempt(store, "p-2")], [], [attempt(store, "p-1", 400, "HTTP 400")])
+    queue(store, export("p-1", 3), export("p-2", 2))
+    job = store.start_backfill(FLOW, None, "by hand")
+    store.enqueue_exports(FLOW, [], backfill=(job, "p-1", 1))
+    done = store.forget(["p-1", "nobody", "p-1"])
+    assert done.counts == {"profiles": 1, "memberships": 2, "change log rows": 2,
+                           "queued exports": 1, "dataflow snapshots": 1, "failed requests": 1,
+                           "delivery records": 0}
+    assert store.load_profiles(["p-1"]) == {} and store.profile_count() == 1
+    assert [r[1] for r in store.read_changes(0, 10)] == ["p-2"]
+    assert store.memberships(["p-1"], ["seg-a", "seg-b"]) == []
+    assert store.snapshots(FLOW, ["p-1", "p-2"]).keys() == {"p-2"}
+    assert [p.profile_id for p in store.claim_due(FLOW, 2**62, 10)] == ["p-2"]
+    assert store.open_failures(FLOW) == []
+    assert next(j for j in store.open_backfills(FLOW) if j.id == job).after_profile == ""
+    second = store.forget(["p-2"])
+    assert second.counts["delivery records"] == 1 and second.counts["queued exports"] == 1
+    store.append_changes([frag("p-1", {"c": 1})])
+    fresh = store.load_profiles(["p-1"])["p-1"]
+    assert (fresh.attributes, fresh.identity_map, fresh.segments) == ({"c": 1}, {}, {})
+
+
+def test_prune_changes_only_what_every_dataflow_read_and_is_old(store: Store) -> None:
+    store.append_changes([frag(f"p-{i}") for i in range(6)])     # seq 1..6
+    registered(store)                                             # cursor 6
+    store.sync_dataflow("slow", "dest", ["seg-a"], "h")           # cursor 6
+    store.append_changes([frag("p-9"), frag("p-9")])              # seq 7, 8
+    future = now_ms() + 60_000
+    assert store.prune_changes(now_ms() - 60_000, 100) == 0       # nothing that old
+    assert store.prune_changes(future, 2) == 2                    # a batch of the oldest
+    assert [r[0] for r in store.read_changes(0, 100)] == [3, 4, 5, 6, 7, 8]
+    assert store.prune_changes(future, 100) == 4                  # up to the lowest cursor
+    assert [r[0] for r in store.read_changes(0, 100)] == [7, 8]
+    store.enqueue_exports(FLOW, [], cursor_from=6, cursor_to=8)
+    store.enqueue_exports("slow", [], cursor_from=6, cursor_to=8)
+    assert store.prune_changes(future, 100) == 1                  # the newest row stays
+    assert store.head_seq() == 8
+    store.append_changes([frag("p-9")])
+    assert store.head_seq() == 9  # seqs are never reused
+
+
+def test_prune_deliveries_in_batches_and_resolved_failures_only(store: Store) -> None:
+    registered(store)
+    queue(store, *(export(f"p-{i}", i) for i in range(5)))
+    items = store.claim_due(FLOW, 2**62, 10)
+    store.record_outcomes(FLOW, [Attempt(i, i.seq, "k", 200, None, now_ms()) for i in items[:3]],
+                          [], [Attempt(i, i.seq, "k", 400, "HTTP 400", now_ms()) for i in items[3:]])
+    future = now_ms() + 60_000
+    assert store.prune_deliveries(future, limit=2) == 2
+    assert store.prune_deliveries(future, limit=2) == 1
+    assert store.prune_resolved_failures(future, 10) == 0        # open failures are kept
+    entries = store.open_failures(FLOW)
+    store.requeue_failures(FLOW, entries[:1])
+    assert store.prune_resolved_failures(now_ms() - 60_000, 10) == 0
+    assert store.prune_resolved_failures(future, 10) == 1
+    assert [e.id for e in store.open_failures(FLOW)] == [entries[1].id]
