@@ -533,20 +533,17 @@ async def test_a_413_names_the_body_size(tmp_path: Path, endpoint: Endpoint,
     assert failed.last_error.startswith("HTTP 413 ") and "request body of" in result.output
 
 
-def test_validate_a_large_config_in_under_a_second(tmp_path: Path) -> None:
+def test_validate_a_large_config_warns_once_per_dataflow(tmp_path: Path) -> None:
+    """5,000 segments and 200 dataflows (its speed is measured by bench/validate.py)."""
     segments = [{"id": f"seg-{i:05d}", "name": f"Segment {i}", "createdAt": 1648553325000}
                 for i in range(5_000)]
     flows = [flow(f"f-{i:03d}", "crm", [f"seg-{j:05d}" for j in range(i * 25, i * 25 + 25)],
                   attributes=("person.name.firstName",)) for i in range(200)]
     config = write_config(tmp_path, {"crm": "http://127.0.0.1:9/x"}, flows, segments=segments)
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        result = run_cli("validate", "-c", config)
-        best = min(best, time.perf_counter() - started)
-        assert result.exit_code == 0
+    result = run_cli("validate", "-c", config)
+    assert result.exit_code == 0
+    assert "5000 segment(s), 1 destination(s), 200 dataflow(s)" in result.stdout
     assert result.stderr.count("maps no identity-bearing attribute") == 200
-    assert best < 1.0, best
 
 
 # --- the property: receivers hold what the rules make of the final store ---------------------

@@ -382,6 +382,7 @@ def concurrent_run(api: str, directory: Path, seconds: float, rate: float,
         return summary
 
 
+@pytest.mark.slow  # the concurrency check; the default run keeps the crash and outage ones
 def test_concurrent_ingest_stream_replay_short(prefect_api: str, tmp_path: Path) -> None:
     concurrent_run(prefect_api, tmp_path, seconds=6, rate=1000, profiles=5000)
 
