@@ -321,8 +321,7 @@ def test_send(config: ConfigOpt,
         err.print(f"error: destinations[{index}].template: {exc} (rendering the sample "
                   "profile)", markup=False)
         raise typer.Exit(2) from None
-    modelled = (f"modelled on dataflow {result.sample.dataflow!r}" if result.sample.dataflow
-                else "no dataflow uses this destination: identities only")
+    modelled = _modelled(result.sample)
     out.print(f"{result.method} {result.url}", markup=False)
     for name, value in result.headers:
         out.print(f"  {name}: {value}", markup=False)
@@ -344,11 +343,16 @@ def test_send(config: ConfigOpt,
     raise typer.Exit(1)
 
 
+def _modelled(sample: Any) -> str:
+    """What the sample profile was modelled on, for test-send's output."""
+    return (f"modelled on dataflow {sample.dataflow!r}" if sample.dataflow
+            else "no dataflow uses this destination: identities only")
+
+
 def _print_request(request: Any) -> None:
     """``test-send --dry-run``: the request line, the headers (secret values masked), a
     blank line, then the body byte for byte."""
-    modelled = (f"modelled on dataflow {request.sample.dataflow!r}" if request.sample.dataflow
-                else "no dataflow uses this destination: identities only")
+    modelled = _modelled(request.sample)
     out.print(f"{request.method} {request.url}", markup=False)
     for name, value in request.headers:
         out.print(f"{name}: {value}", markup=False)

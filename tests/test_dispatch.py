@@ -22,6 +22,17 @@ def replay(config, st) -> pipeline.ReplayPlan:
     return pipeline.replay(st, config.dataflow(FLOW))
 
 
+async def failed_for_good(tmp_path, endpoint):
+    """p-1 sent three times against a 500: (config, store, the first request sent)."""
+    config, st = store(tmp_path, endpoint.url)
+    ingest(st, config, fragment("p-1", "old"))
+    decide(st, config)
+    endpoint.always(500)
+    for _ in range(3):
+        await run_drain(config, st)
+    return config, st, endpoint.requests[0]
+
+
 def failed_rows(st):
     return list(st.db.query("SELECT * FROM failed_requests ORDER BY id"))
 
@@ -128,13 +139,7 @@ async def test_order_per_profile_kept_under_retries(tmp_path, endpoint):
 
 
 async def test_replay_of_the_same_state_repeats_its_key(tmp_path, endpoint):
-    config, db = store(tmp_path, endpoint.url)
-    ingest(db, config, fragment("p-1", "old"))
-    decide(db, config)
-    endpoint.always(500)
-    for _ in range(3):
-        await run_drain(config, db)
-    failed = endpoint.requests[0]
+    config, db, failed = await failed_for_good(tmp_path, endpoint)
     endpoint.reset()
     plan = replay(config, db)
     assert [e.profile_id for e in plan.resent] == ["p-1"] and plan.superseded == []
@@ -149,13 +154,7 @@ async def test_replay_of_the_same_state_repeats_its_key(tmp_path, endpoint):
 
 
 async def test_replay_sends_the_current_state_under_a_new_key(tmp_path, endpoint):
-    config, db = store(tmp_path, endpoint.url)
-    ingest(db, config, fragment("p-1", "old"))
-    decide(db, config)
-    endpoint.always(500)
-    for _ in range(3):
-        await run_drain(config, db)
-    failed = endpoint.requests[0]
+    config, db, failed = await failed_for_good(tmp_path, endpoint)
     # an unmapped write exports nothing, but it is a newer state: a replay sends it, and a
     # receiver that drops duplicate keys must not drop it
     ingest(db, config, b'{"profileId": "p-1", "attributes": {"loyalty": "gold"}}\n')
