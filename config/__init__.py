@@ -99,6 +99,8 @@ class _Model(BaseModel):
 
 
 def _check_url(value: str, what: str) -> str:
+    if any(c in value for c in "\r\n\t\x00"):
+        raise ValueError(f"{what} contains a line break, tab or NUL character")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"{what} must be an http(s) URL, got scheme {parts.scheme or 'none'!r}")
@@ -153,6 +155,12 @@ Auth = Annotated[
 ]
 
 
+# Headers that frame or route the request (or belong to one connection): the sender sets
+# them; a custom value would cut bodies short (Content-Length) or send them elsewhere (Host).
+RESERVED_HEADERS = frozenset({"content-length", "transfer-encoding", "host", "connection",
+                              "keep-alive", "proxy-connection", "te", "trailer", "upgrade"})
+
+
 def parse_headers(text: str) -> list[tuple[str, str]]:
     """``h1:v1,h2:v2`` as the reference platform writes custom headers."""
     pairs: list[tuple[str, str]] = []
@@ -161,7 +169,13 @@ def parse_headers(text: str) -> list[tuple[str, str]]:
         name = name.strip()
         if not sep or not _HEADER_NAME.match(name):
             raise ValueError(f"cannot parse header {item!r}: expected name:value")
-        pairs.append((name, value.strip()))
+        if name.lower() in RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} frames or routes the request and is set by "
+                             "profile-relay itself; remove it")
+        value = value.strip()
+        if any(c in value for c in "\r\n\x00"):
+            raise ValueError(f"header {name!r}: the value contains a line break or NUL character")
+        pairs.append((name, value))
     return pairs
 
 
@@ -219,7 +233,7 @@ class Destination(_Model):
     include_segment_timestamps: bool = False
     rate_limit: float = Field(default=MAX_RATE_LIMIT, ge=1, le=MAX_RATE_LIMIT)
     max_in_flight: int = Field(default=64, ge=1, le=4096)
-    timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    timeout_seconds: float = Field(default=10.0, ge=0.001, le=600)
     retry_backoff_seconds: float = Field(default=1.0, ge=0, le=300)
     max_retry_after_seconds: float = Field(default=60.0, ge=0, le=3600)
     ca_bundle: Path | None = None
@@ -427,6 +441,9 @@ def parse_config(data: Any, base_dir: Path = Path("."), source: str = "config") 
     except ValidationError as exc:
         problems = [(_loc_to_path(e["loc"]), _friendly(e)) for e in exc.errors(include_url=False)]
     problems += _cross_check(data)
+    if config is not None and config.state_path.is_dir():
+        problems.append(("state", f"{config.state_path} is a directory; state names the "
+                                  "store's SQLite file (e.g. relay.db)"))
     if problems or config is None:
         raise ConfigError(problems, source)
     config.inline_secret_fields = inline_secrets(data)
