@@ -43,7 +43,6 @@ MAX_BATCHED_ROUND = 20_000  # exports claimed at once when batching (profiles he
 COMMIT_GROUP = 0.5  # share of max_in_flight whose outcomes are committed together
 SEQUENCE_HEADER = "X-Relay-Sequence"  # unbatched requests: the change seq of the state sent
 BATCH_SIZE_HEADER = "X-Relay-Batch-Size"  # batched requests: how many exports they carry
-MISSING_PROFILE = "the profile is no longer in the store"
 
 
 @contextmanager
@@ -86,7 +85,7 @@ _batch_clock = _DistinctMs()
 
 
 def _unsent(item: Pending, sent_seq: int, key: str, error: str) -> tuple[str, Attempt]:
-    """An export that failed for good without a request (no profile, or no body)."""
+    """An export that failed for good without a request (its template could not render)."""
     return "failed", Attempt(item, sent_seq, key, None, error, now_ms())
 
 
@@ -134,11 +133,7 @@ class _Batches:
                 item, profile, key, part = head
             else:
                 item = head
-                profile = self._profiles.get(item.profile_id)
-                if profile is None:
-                    group.popleft()
-                    failed.append(_unsent(item, item.seq, "", MISSING_PROFILE))
-                    continue
+                profile = self._profiles[item.profile_id]  # unsent_reason closed the rest
                 key = idempotency_key(spec, item.profile_id, profile.last_seq)
                 try:
                     part = render(profile, spec)
@@ -207,14 +202,12 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
     finished = False
     group = max(1, int(max_in_flight * COMMIT_GROUP))
 
-    def judged(item: Pending, profile: StoredProfile | None, outcome: Outcome | None,
+    def judged(item: Pending, profile: StoredProfile, outcome: Outcome,
                key: str) -> tuple[str, Attempt]:
         at = now_ms()
-        sent_seq = profile.last_seq if profile is not None else item.seq
-        if outcome is None:
-            return "failed", Attempt(item, sent_seq, key, None, MISSING_PROFILE, at)
         verdict, next_at = policy.judge(outcome, item.attempts, at)
-        return verdict, Attempt(item, sent_seq, key, outcome.status, outcome.error, at, next_at)
+        return verdict, Attempt(item, profile.last_seq, key, outcome.status, outcome.error, at,
+                                next_at)
 
     queue = deque(items)
 
@@ -223,19 +216,16 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
         while queue:
             item = queue.popleft()
             await slots.acquire()
-            profile = profiles.get(item.profile_id)
-            if profile is None:
-                pending.append([judged(item, None, None, "")])
+            profile = profiles[item.profile_id]  # unsent_reason closed the rest
+            key = idempotency_key(spec, item.profile_id, profile.last_seq)
+            try:
+                body = render(profile, spec)
+            except TemplateError as exc:
+                pending.append([_unsent(item, profile.last_seq, key, f"template: {exc}")])
             else:
-                key = idempotency_key(spec, item.profile_id, profile.last_seq)
-                try:
-                    body = render(profile, spec)
-                except TemplateError as exc:
-                    pending.append([_unsent(item, profile.last_seq, key, f"template: {exc}")])
-                else:
-                    await bucket.acquire()
-                    outcome = await sender.send(body, key, {SEQUENCE_HEADER: str(profile.last_seq)})
-                    pending.append([judged(item, profile, outcome, key)])
+                await bucket.acquire()
+                outcome = await sender.send(body, key, {SEQUENCE_HEADER: str(profile.last_seq)})
+                pending.append([judged(item, profile, outcome, key)])
             if len(pending) >= group or slots.locked():
                 wake.set()
 
