@@ -102,19 +102,8 @@ def child(url: str, db_path: str, concurrency: int, use_uvloop: bool, batch: dic
     body_bytes = 0
     # where the time goes (wall clock, one core): the store calls and rendering
     phases = {"claim_due": 0.0, "load_profiles": 0.0, "record_outcomes": 0.0, "render": 0.0}
-
-    def timed(name: str, fn: Any) -> Any:
-        def wrapper(*args: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                phases[name] += time.perf_counter() - t
-        return wrapper
-
-    for name in ("claim_due", "load_profiles", "record_outcomes"):
-        setattr(store, name, timed(name, getattr(store, name)))
-    dispatch.render = timed("render", dispatch.render)  # the one body builder, as drain calls it
+    base.time_calls(phases, store, ["claim_due", "load_profiles", "record_outcomes"])
+    base.time_calls(phases, dispatch, ["render"])  # the one body builder, as drain calls it
 
     class Counting(Sender):
         async def send(self, body, idempotency_key, extra_headers=None, **kw):  # type: ignore[override]

@@ -54,6 +54,22 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+def time_calls(phases: dict[str, float], owner: Any, names: list[str]) -> None:
+    """Replace ``owner``'s functions ``names`` by wrappers that add their wall time to
+    ``phases[name]``."""
+    for name in names:
+        fn = getattr(owner, name)
+
+        def wrapper(*args: Any, _fn: Any = fn, _name: str = name, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return _fn(*args, **kw)
+            finally:
+                phases[_name] += time.perf_counter() - t
+
+        setattr(owner, name, wrapper)
+
+
 FLOW = "bench-stream"
 DEST = "bench"
 BODY_BYTES = 1024
@@ -366,19 +382,7 @@ def ours_child(url: str, db_path: str, concurrency: int, use_uvloop: bool, rate:
     lat: list[float] = []
     seqs: list[str] = []
     phases = {"claim_due": 0.0, "load_profiles": 0.0, "record_outcomes": 0.0}
-
-    # Time the store calls (wall clock); a few per round.
-    def timed(name: str, fn: Any) -> Any:
-        def wrapper(*args: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kw)
-            finally:
-                phases[name] += time.perf_counter() - t
-        return wrapper
-
-    for name in phases:
-        setattr(store, name, timed(name, getattr(store, name)))
+    time_calls(phases, store, list(phases))  # the store calls (wall clock); a few per round
 
     class TimedSender(Sender):
         """Reads each request's latency off its Outcome, and the sequence it carried."""
