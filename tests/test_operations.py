@@ -283,19 +283,25 @@ async def runs_of(api_url: str, deployment: str) -> list[Any]:
                 id=DeploymentFilterId(any_=[dep.id])))
 
 
+async def examples_ingested(tmp_path: Path, receiver: Receiver) -> Path:
+    """The bundled example config pointed at ``receiver``, its sample profiles ingested."""
+    config = tmp_path / "relay.yaml"
+    text = (ROOT / "examples" / "config.yaml").read_text(encoding="utf-8")
+    config.write_text(text.replace("http://127.0.0.1:8080/hook", f"{receiver.base_url}/hook"),
+                      encoding="utf-8")
+    result = await asyncio.to_thread(CliRunner().invoke, app, [
+        "ingest", "-c", str(config), str(ROOT / "examples" / "profiles.ndjson")])
+    assert result.exit_code == 0, result.output
+    return config
+
+
 async def test_sigterm_stops_serve_within_seconds_and_cancels_its_stream_run(
         tmp_path: Path, prefect_server_api: str) -> None:
     """serve on a Prefect server of its own (PREFECT_API_URL), its stream run delivering;
     SIGTERM (what systemd, Docker or Kubernetes send) ends serve within seconds and the
     stream run ends Cancelled (in the API, not left Running), its process gone."""
     async with Receiver() as receiver:
-        config = tmp_path / "relay.yaml"
-        text = (ROOT / "examples" / "config.yaml").read_text(encoding="utf-8")
-        config.write_text(text.replace("http://127.0.0.1:8080/hook", f"{receiver.base_url}/hook"),
-                          encoding="utf-8")
-        result = await asyncio.to_thread(CliRunner().invoke, app, [
-            "ingest", "-c", str(config), str(ROOT / "examples" / "profiles.ndjson")])
-        assert result.exit_code == 0, result.output
+        config = await examples_ingested(tmp_path, receiver)
         proc = await asyncio.create_subprocess_exec(
             str(RELAY), "serve", "-c", str(config), "--run-seconds", "600", "--interval", "1",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
@@ -334,13 +340,7 @@ async def test_serve_runs_the_stream_deployment_and_stops_cleanly(
     then SIGINT (Ctrl-C) or SIGTERM stops everything, the running stream run included.
     12 to 30 s each (18 s when it migrates the shared PREFECT_HOME), hence slow."""
     async with Receiver() as receiver:
-        config = tmp_path / "relay.yaml"
-        text = (ROOT / "examples" / "config.yaml").read_text(encoding="utf-8")
-        config.write_text(text.replace("http://127.0.0.1:8080/hook", f"{receiver.base_url}/hook"),
-                          encoding="utf-8")
-        result = await asyncio.to_thread(CliRunner().invoke, app, [
-            "ingest", "-c", str(config), str(ROOT / "examples" / "profiles.ndjson")])
-        assert result.exit_code == 0, result.output
+        config = await examples_ingested(tmp_path, receiver)
         proc = await asyncio.create_subprocess_exec(
             str(RELAY), "serve", "-c", str(config), "--run-seconds", "30", "--interval", "1",
             "--prefect-port", "0", stdout=asyncio.subprocess.PIPE,
