@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+
+import sqlite_utils
 
 from state import dataflows, erase, leases, outbox, profiles, stats
 from state.db import now_ms, open_db
@@ -24,9 +27,29 @@ from state.stats import DataflowStats
 
 
 class SqliteStore:
+    """Each thread gets a connection of its own (opened on its first call), so outcomes
+    can be recorded on a writer thread while the event loop's thread reads: one SQLite
+    connection must never carry two threads' transactions at once."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.db = open_db(self.path)
+        self._local = threading.local()
+        self._opened: list[sqlite_utils.Database] = []
+        self._lock = threading.Lock()
+        self._local.db = self._open()
+
+    def _open(self) -> sqlite_utils.Database:
+        db = open_db(self.path)
+        with self._lock:
+            self._opened.append(db)
+        return db
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._open()
+        return db
 
     # profiles and the change log
     def append_changes(self, fragments: Sequence[Fragment]) -> int:
@@ -112,8 +135,9 @@ class SqliteStore:
 
     # the outbox
     def claim_due(self, dataflow: str, now: int, limit: int,
-                  tried_before: int | None = None) -> list[Pending]:
-        return outbox.due(self.db, dataflow, now, limit, tried_before=tried_before)
+                  tried_before: int | None = None, after_seq: int | None = None) -> list[Pending]:
+        return outbox.due(self.db, dataflow, now, limit, tried_before=tried_before,
+                          after_seq=after_seq)
 
     def pending_count(self, dataflow: str) -> int:
         return outbox.pending_count(self.db, dataflow)
@@ -171,7 +195,10 @@ class SqliteStore:
         return erase.forget(self.db, profile_ids)
 
     def close(self) -> None:
-        self.db.conn.close()
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for db in opened:
+            db.conn.close()
 
 
 __all__ = ["SqliteStore"]

@@ -94,7 +94,10 @@ class Store(Protocol):
 
     # -- the outbox ----------------------------------------------------------------------------
     def claim_due(self, dataflow: str, now: int, limit: int,
-                  tried_before: int | None = None) -> list[Pending]: ...
+                  tried_before: int | None = None, after_seq: int | None = None) -> list[Pending]:
+        """Exports due at ``now``, oldest change first, at most ``limit``: those never
+        tried (only with a seq after ``after_seq``) and those whose retry time has come
+        (not tried at or after ``tried_before``)."""
     def pending_count(self, dataflow: str) -> int: ...
     def next_due(self, dataflow: str) -> int | None:
         """The earliest next-attempt time in the outbox (0: due now; None: empty)."""

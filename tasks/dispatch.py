@@ -25,6 +25,7 @@ import asyncio
 import gc
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -41,6 +42,10 @@ from tasks.lifecycle import unsent_reason
 ROUND_SIZE = 5_000
 MAX_BATCHED_ROUND = 20_000  # exports claimed at once when batching (profiles held in memory)
 COMMIT_GROUP = 0.5  # share of max_in_flight whose outcomes are committed together
+# Outcomes are recorded on this thread, never on the event loop: while a group commits, the
+# senders keep every other slot busy. One thread: groups commit in the order they were
+# judged. Stores give each thread a connection of its own.
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="profile-relay-outcomes")
 SEQUENCE_HEADER = "X-Relay-Sequence"  # unbatched requests: the change seq of the state sent
 BATCH_SIZE_HEADER = "X-Relay-Batch-Size"  # batched requests: how many exports they carry
 
@@ -174,16 +179,33 @@ class DeliverySummary:
         return asdict(self)
 
 
-async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy,
-                     sender: Sender, bucket: TokenBucket, max_in_flight: int,
-                     items: list[Pending]) -> DeliverySummary:
-    """Send each item once; outcomes are committed in groups as they come in (a group is
-    committed at ``COMMIT_GROUP`` of the slots, or when every slot waits for a commit)."""
+@dataclass
+class _Chunk:
+    """Exports claimed together, with their profiles loaded, ready to send."""
+
+    items: list[Pending]
+    profiles: dict[str, StoredProfile]
+    last_fresh_seq: int | None  # the newest never-tried export claimed; the next starts after
+
+
+def _claim_chunk(store: Store, dataflow: str, spec: BodySpec, limit: int, tried_before: int,
+                 after_seq: int | None, busy: set[str]) -> _Chunk | None:
+    """Claim the next exports due and load their profiles; runs on the writer thread, so
+    the loop keeps sending meanwhile. Exports of ``busy`` profiles (in a chunk still being
+    sent) are left to a later pass: one request per profile at a time keeps deliveries in
+    order. None when nothing is due.
+
+    Closed without a request, counted per reason (``tasks.lifecycle.unsent_reason``): a
+    streamed state already delivered (a backfill is sent regardless: it was asked for), a
+    profile with neither identities nor mapped attributes, a profile forgotten meanwhile."""
+    claimed = store.claim_due(dataflow, now_ms(), limit, tried_before=tried_before,
+                              after_seq=after_seq)
+    if not claimed:
+        return None
+    last_fresh = max((i.seq for i in claimed if i.attempts == 0), default=after_seq)
+    items = [i for i in claimed if i.profile_id not in busy]
     with paused_gc():
         profiles = store.load_profiles([i.profile_id for i in items])
-    # Closed without a request, counted per reason (``tasks.lifecycle.unsent_reason``): a
-    # streamed state already delivered (a backfill is sent regardless: it was asked for), a
-    # profile with neither identities nor mapped attributes, a profile forgotten meanwhile.
     skipped: dict[str, list[Pending]] = {}
     for i in items:
         why = unsent_reason(i, profiles.get(i.profile_id), spec.attribute_paths)
@@ -194,8 +216,21 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
     if skipped:
         done = {i.profile_id for closed in skipped.values() for i in closed}
         items = [i for i in items if i.profile_id not in done]
+    return _Chunk(items, profiles, last_fresh)
+
+
+async def send_chunk(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy,
+                     sender: Sender, bucket: TokenBucket, slots: asyncio.Semaphore,
+                     max_in_flight: int, chunk: _Chunk,
+                     handed_out: asyncio.Event) -> DeliverySummary:
+    """Send each export of the chunk once. ``slots`` (``max_in_flight`` places, shared by
+    the chunks in flight) is taken before a request is sent and given back once its
+    outcome is committed. Outcomes are committed on the writer thread in groups, at
+    ``COMMIT_GROUP`` of the slots or when every slot waits for a commit. ``handed_out`` is
+    set once every export was taken by a sender, so the next chunk can be claimed."""
+    loop = asyncio.get_running_loop()
+    items, profiles = chunk.items, chunk.profiles
     summary = DeliverySummary(sent=len(items))
-    slots = asyncio.Semaphore(max_in_flight)
     # one entry per slot: a request's exports, or exports failed before any request
     pending: list[list[tuple[str, Attempt]]] = []
     wake = asyncio.Event()
@@ -215,6 +250,8 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
         """One export per request."""
         while queue:
             item = queue.popleft()
+            if not queue:
+                handed_out.set()
             await slots.acquire()
             profile = profiles[item.profile_id]  # unsent_reason closed the rest
             key = idempotency_key(spec, item.profile_id, profile.last_seq)
@@ -238,6 +275,8 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
             await slots.acquire()
             with paused_gc():
                 members, parts, done = batches.take()
+            if not batches:
+                handed_out.set()
             if members:
                 key = batch_key(spec, [k for _, _, k in members])
                 body = frame(parts, spec)
@@ -269,15 +308,14 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
                         by_verdict[verdict].append(attempt)
                         if attempt.error:
                             summary.last_error = attempt.error
-                with paused_gc():
-                    store.record_outcomes(dataflow, by_verdict["delivered"],
-                                          by_verdict["retrying"], by_verdict["failed"])
+                await loop.run_in_executor(
+                    _WRITER, store.record_outcomes, dataflow, by_verdict["delivered"],
+                    by_verdict["retrying"], by_verdict["failed"])
                 summary.delivered += len(by_verdict["delivered"])
                 summary.retrying += len(by_verdict["retrying"])
                 summary.failed += len(by_verdict["failed"])
                 for _ in entries:
                     slots.release()
-                await asyncio.sleep(0)  # let the senders run between commits
             elif finished:
                 return
             else:
@@ -287,7 +325,10 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
     async def send_all() -> None:
         nonlocal finished
         sender_task = batch_worker if batches is not None else worker
-        await asyncio.gather(*(sender_task() for _ in range(min(max_in_flight, len(items)))))
+        try:
+            await asyncio.gather(*(sender_task() for _ in range(min(max_in_flight, len(items)))))
+        finally:
+            handed_out.set()
         finished = True
         wake.set()
 
@@ -299,14 +340,42 @@ async def send_round(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
 
 async def drain(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy,
                 sender: Sender, bucket: TokenBucket, max_in_flight: int) -> DeliverySummary:
-    """Send everything due, round after round, each export at most once per drain."""
+    """Send everything due, chunk after chunk, each export at most once per drain. The
+    next chunk is claimed and loaded (on the writer thread) as soon as every export of the
+    last one was taken by a sender, and sent while the last one's requests finish, so the
+    senders never wait for the store between chunks. ``max_in_flight`` bounds the requests
+    sent and not yet recorded across all chunks."""
+    loop = asyncio.get_running_loop()
     total = DeliverySummary()
     started = now_ms()
     limit = round_size(spec, max_in_flight)
-    while True:  # ends: each export is claimed at most once per drain (tried_before)
-        with paused_gc():
-            items = store.claim_due(dataflow, now_ms(), limit, tried_before=started)
-        if not items:
-            return total
-        total.add(await send_round(store, dataflow, spec, policy, sender, bucket,
-                                   max_in_flight, items))
+    slots = asyncio.Semaphore(max_in_flight)
+    running: dict[asyncio.Task[DeliverySummary], set[str]] = {}
+    after_seq: int | None = None
+    try:
+        while True:  # ends: each export is claimed at most once per drain (tried_before)
+            busy = set().union(*running.values())
+            chunk = await loop.run_in_executor(_WRITER, _claim_chunk, store, dataflow, spec,
+                                               limit, started, after_seq, busy)
+            if chunk is None:
+                break
+            after_seq = chunk.last_fresh_seq
+            if not chunk.items:
+                continue
+            handed_out = asyncio.Event()
+            task = asyncio.create_task(send_chunk(store, dataflow, spec, policy, sender,
+                                                  bucket, slots, max_in_flight, chunk,
+                                                  handed_out))
+            running[task] = set(chunk.profiles)
+            await asyncio.wait([task, asyncio.ensure_future(handed_out.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            for done in [t for t in running if t.done()]:
+                del running[done]
+                total.add(done.result())
+        for task in list(running):
+            total.add(await task)
+            del running[task]
+    finally:
+        for task in running:
+            task.cancel()
+    return total
