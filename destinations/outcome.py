@@ -100,20 +100,21 @@ _NAME_MISMATCH_CODES = {62, 63, 64}  # host name, e-mail, IP address mismatch
 _EXPIRED_CODES = {9, 10}  # not yet valid, expired
 
 
-def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
-    """The ``ssl.SSLError`` behind an aiohttp error: itself, its ``os_error``, or its cause
-    (a TLS 1.3 server's alert arrives after the handshake, while the request is sent)."""
+def _ssl_reason(exc: BaseException) -> str | None:
+    """OpenSSL's reason code behind an aiohttp error: on the error itself, its ``os_error``
+    or its cause (a TLS 1.3 server's alert arrives after the handshake, while the request
+    is sent). aiohttp's own SSL error classes carry none; the wrapped one does."""
     for candidate in (exc, getattr(exc, "os_error", None), exc.__cause__, exc.__context__):
-        if isinstance(candidate, ssl.SSLError):
-            return candidate
+        reason = getattr(candidate, "reason", None)
+        if isinstance(candidate, ssl.SSLError) and reason:
+            return str(reason)
     return None
 
 
 def _alert(exc: BaseException) -> str | None:
     """The OpenSSL reason of a TLS alert about our client certificate, if that is what
     ``exc`` is."""
-    err = _ssl_error(exc)
-    reason = getattr(err, "reason", None)
+    reason = _ssl_reason(exc)
     return reason if reason in _CLIENT_CERT_ALERTS else None
 
 
@@ -125,6 +126,10 @@ def classify_exception(exc: BaseException) -> Kind | None:
     """
     if isinstance(exc, _FINAL_ERRORS) or _alert(exc) is not None:
         return "final"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        # the proxy refused the tunnel: its 407 or 403 is final, its 502 or 503 retried
+        kind = classify_status(exc.status)
+        return "final" if kind == "delivered" else kind
     if isinstance(exc, _RETRYABLE_ERRORS):
         return "retryable"
     if isinstance(exc, aiohttp.ClientError):

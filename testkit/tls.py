@@ -1,17 +1,27 @@
 """Throwaway certificates for TLS tests: a CA, a server certificate for 127.0.0.1 and
 localhost, a client certificate for mutual TLS, and the wrong ones (another CA, a name
-the server does not have, a key that matches nothing), written as PEM files.
+the server does not have, a key that matches nothing), written as PEM files. Elliptic-curve
+keys, so a whole set is made in milliseconds inside a test.
 
-Elliptic-curve keys, so a whole set is made in milliseconds inside a test.
+:class:`TlsFront` terminates TLS in front of a plain loopback endpoint, as nginx or Envoy
+do for a receiver that requires client certificates. It runs blocking ``ssl`` in a thread
+because an asyncio server drops a refused client without sending it the TLS alert that
+says why; real servers send it, and that alert is what the relay explains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
+import select
+import socket
 import ssl
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -143,4 +153,113 @@ def make_pki(directory: Path) -> Pki:
     )
 
 
-__all__ = ["LOOPBACK_NAMES", "Pair", "Pki", "make_pki"]
+@dataclass
+class TlsFront:
+    """``with TlsFront(ctx, upstream_port) as front``: accepts TLS on ``front.port`` with
+    ``ctx`` (e.g. ``Pki.server_context(require_client_cert=True)``) and forwards each
+    accepted connection's bytes to ``127.0.0.1:upstream_port``. ``clients`` holds the
+    common name of each accepted client certificate ("" without one), ``refused`` the
+    reason of each handshake it refused."""
+
+    ctx: ssl.SSLContext
+    upstream_port: int
+    port: int = 0
+    clients: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+
+    def url(self, path: str = "/hook", host: str = "127.0.0.1") -> str:
+        return f"https://{host}:{self.port}{path}"
+
+    def start(self) -> Self:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self._spawn(self._accept_loop)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        return self.start()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _spawn(self, target: object, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                raw, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._spawn(self._serve, raw)
+
+    def _serve(self, raw: socket.socket) -> None:
+        raw.settimeout(5)
+        tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            self.refused.append(getattr(exc, "reason", None) or type(exc).__name__)
+            _close_gently(tls)
+            return
+        peer = tls.getpeercert() or {}
+        names = [v for rdn in peer.get("subject", ()) for k, v in rdn if k == "commonName"]
+        self.clients.append(names[0] if names else "")
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+        except OSError:
+            tls.close()
+            return
+        with contextlib.suppress(OSError), tls, upstream:
+            self._relay(tls, upstream)
+
+    def _relay(self, tls: ssl.SSLSocket, upstream: socket.socket) -> None:
+        """Both directions in one thread: an SSL object must not be used by two at once."""
+        while not self._stop.is_set():
+            ready = [tls] if tls.pending() else select.select([tls, upstream], [], [], 0.1)[0]
+            for sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                (upstream if sock is tls else tls).sendall(data)
+
+
+def _close_gently(sock: socket.socket) -> None:
+    """Close after a refused handshake without a TCP reset: the client must get to read the
+    alert already sent, so its own unread bytes are drained first (briefly)."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        sock.settimeout(1)
+        while socket.socket.recv(sock, 65536):
+            pass
+    with contextlib.suppress(OSError):
+        socket.socket.close(sock)
+
+
+__all__ = ["LOOPBACK_NAMES", "Pair", "Pki", "TlsFront", "make_pki"]
