@@ -1,7 +1,8 @@
 """A real forward proxy on loopback for tests: ``CONNECT`` tunnels (what an https endpoint
 goes through) and plain-HTTP forwarding (absolute-form requests, for http endpoints),
 recording every request it was asked to pass, optionally demanding Basic credentials
-(``Proxy-Authorization``) the way a corporate proxy does.
+(``Proxy-Authorization``) the way a corporate proxy does, and optionally spoken to over
+TLS itself (an ``https://`` proxy).
 
 It forwards to 127.0.0.1 only; anything else is answered 403.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ssl
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -35,8 +37,10 @@ class ForwardProxy:
     what passed. With ``credentials=(user, password)`` a request without the matching
     ``Proxy-Authorization`` is answered 407 and goes no further."""
 
-    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
+    def __init__(self, credentials: tuple[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.credentials = credentials
+        self._ssl = ssl_context  # an https:// proxy (TLS between the client and the proxy)
         self.requests: list[ProxiedRequest] = []
         self.refused = 0  # answered 407
         self.port = 0
@@ -45,19 +49,19 @@ class ForwardProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._ssl else 'http'}://127.0.0.1:{self.port}"
 
     def url_with_credentials(self) -> str:
         assert self.credentials is not None
         user, password = self.credentials
-        return f"http://{user}:{password}@127.0.0.1:{self.port}"
+        return self.url.replace("://", f"://{user}:{password}@", 1)
 
     @property
     def targets(self) -> list[str]:
         return [r.target for r in self.requests]
 
     async def start(self) -> Self:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -23,7 +24,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from config import DEFAULT_REDELIVER_AFTER, ConfigError, Destination, load_config
 from destinations.outcome import Outcome
-from destinations.sender import Sender
+from destinations.sender import Sender, gzip_body
 from testkit.procs import free_port, write_config
 from testkit.proxy import ForwardProxy
 from testkit.servers import Endpoint, TokenServer, verify_signature
@@ -220,6 +221,38 @@ async def test_test_send_explains_a_missing_client_certificate(
     assert mtls.clients == ["relay-client"] and len(endpoint.requests) == 1
 
 
+async def test_test_send_shows_and_sends_put_gzip_through_the_proxy(
+        proxy: ForwardProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``test-send --dry-run`` shows the method, the gzip header and the proxy; ``test-send``
+    then sends exactly that, through the proxy."""
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    async with Endpoint(decode_bodies=False) as raw:
+        config = write_config(tmp_path, raw.url, method="PUT", compression="gzip")
+        dry = CliRunner().invoke(app, ["test-send", "-c", str(config), "--destination", "crm",
+                                       "--dry-run"])
+        assert dry.exit_code == 0, dry.output
+        head, _, shown = dry.stdout.partition("\n\n")
+        body = shown.removesuffix("\n").encode()
+        lines = head.splitlines()
+        assert lines[0] == f"PUT {raw.url}"
+        assert "Content-Encoding: gzip" in lines
+        assert f"Content-Length: {len(gzip_body(body))}" in lines  # the compressed size
+        assert f"via proxy 127.0.0.1:{proxy.port}, from HTTP_PROXY" in dry.stderr
+        assert "before gzip compression" in dry.stderr
+        assert raw.requests == [] and proxy.requests == []
+
+        sent = await asyncio.to_thread(CliRunner().invoke, app,
+                                       ["test-send", "-c", str(config), "--destination", "crm"])
+    assert sent.exit_code == 0, sent.output
+    assert sent.stdout.splitlines()[:2] == [
+        f"PUT {raw.url}", f"  (via proxy 127.0.0.1:{proxy.port}, from HTTP_PROXY)"]
+    [request] = raw.requests
+    assert (request.method, request.headers["Content-Encoding"]) == ("PUT", "gzip")
+    # the same sample (its lastQualificationTime is the time of sending)
+    assert orjson.loads(gzip.decompress(request.body)).keys() == orjson.loads(body).keys()
+    assert [(r.method, r.target) for r in proxy.requests] == [("PUT", raw.url)]
+
+
 # -- proxies -------------------------------------------------------------------------------
 
 
@@ -299,6 +332,20 @@ async def test_proxy_credentials_reach_the_proxy_and_no_error_text(
     for outcome in (refused, plain):
         assert "pa55word" not in (outcome.error or "")
     assert guarded.refused == 2 and len(tls_endpoint.requests) == 1
+
+
+async def test_an_https_proxy_is_reached_over_tls(pki: Pki, tls_endpoint: Endpoint) -> None:
+    """TLS to the proxy (verified with the same trust: ca_bundle), then TLS through it."""
+    async with ForwardProxy(credentials=(PROXY_USER, PROXY_PASSWORD),
+                            ssl_context=pki.server_context()) as secure:
+        outcome = await send(dest(tls_endpoint.url, ca_bundle=pki.ca,
+                                  proxy=secure.url_with_credentials()))
+        untrusted = await send(dest(tls_endpoint.url, proxy=secure.url_with_credentials()))
+    assert outcome.delivered, outcome.error
+    assert secure.targets == [f"127.0.0.1:{tls_endpoint.port}"]
+    assert untrusted.kind == "final" and "set ca_bundle" in (untrusted.error or "")
+    assert PROXY_PASSWORD not in (untrusted.error or "")
+    assert len(tls_endpoint.requests) == 1
 
 
 async def test_an_unreachable_proxy_is_named_without_its_credentials(endpoint: Endpoint) -> None:
