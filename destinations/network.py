@@ -59,8 +59,10 @@ class Proxy:
         return f"{self.url.host}:{self.url.port}"
 
     def secret_values(self) -> tuple[str, ...]:
-        """The credentials, as written and decoded, for redacting error texts."""
-        values = (self.url.raw_user, self.url.user, self.url.raw_password, self.url.password)
+        """The password, as written and decoded, for redacting error texts. Messages never
+        carry the user name either (they name the proxy by host and port), but it is not
+        redacted: a user called ``proxy`` would garble every message that says "proxy"."""
+        values = (self.url.raw_password, self.url.password)
         return tuple(dict.fromkeys(v for v in values if v))
 
 

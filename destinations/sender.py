@@ -268,7 +268,8 @@ class Sender:
             return "not a URL"
         if not target.host:
             return "not a URL"
-        shown = f"{target.scheme}://{target.host}:{target.port}{target.path}"
+        port = f":{target.port}" if target.port is not None else ""
+        shown = f"{target.scheme}://{target.host}{port}{target.path}"
         return shown if len(shown) <= 200 else shown[:197] + "..."
 
     def _auth_failed(self, exc: AuthError, status: int | None, started: float) -> Outcome:

@@ -25,10 +25,14 @@ from app.cli import app
 from config import DEFAULT_REDELIVER_AFTER, ConfigError, Destination, load_config
 from destinations.outcome import Outcome
 from destinations.sender import Sender, gzip_body
-from testkit.procs import free_port, write_config
+from tasks import pipeline
+from testkit.procs import FLOW, free_port, write_config
 from testkit.proxy import ForwardProxy
 from testkit.servers import Endpoint, TokenServer, verify_signature
 from testkit.tls import Pki, TlsFront, make_pki
+from tests.relay_fixtures import decide, fragment
+from tests.relay_fixtures import ingest as relay_ingest
+from tests.relay_fixtures import store as relay_store
 
 BODY = b'{"profileId":"p-1","identityMap":{"ecid":[{"id":"1"}]}}'
 TOKEN = "bearer-t0ken-value"
@@ -357,6 +361,41 @@ async def test_an_unreachable_proxy_is_named_without_its_credentials(endpoint: E
                              f"127.0.0.1:{port} unreachable: Connect call failed "
                              f"('127.0.0.1', {port})")
     assert endpoint.requests == []
+
+
+async def test_a_refusing_proxy_leaves_no_credential_in_the_store_or_the_log(
+        pki: Pki, tls_endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Through the real delivery path: the export is failed for good after one attempt (a
+    407 does not heal by waiting), with an error that names the proxy by host and port."""
+    async with ForwardProxy(credentials=(PROXY_USER, "the-right-one")) as guarded:
+        monkeypatch.setenv("PR_TEST_PROXY", guarded.url_with_credentials().replace(
+            "the-right-one", PROXY_PASSWORD))
+        config, db = relay_store(tmp_path, tls_endpoint.url, ca_bundle=str(pki.ca),
+                                 proxy="${PR_TEST_PROXY}")
+        relay_ingest(db, config, fragment("p-1"))
+        decide(db, config)
+        await pipeline.deliver(db, config, config.dataflow(FLOW))
+    [(attempts, status, error)] = db.db.execute(
+        "SELECT attempts, last_status, last_error FROM failed_requests").fetchall()
+    assert (attempts, status) == (1, None)
+    assert f"via proxy 127.0.0.1:{guarded.port}: the proxy answered 407" in error
+    db.db.conn.execute("PRAGMA wal_checkpoint(FULL)")
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("relay.db*"))
+    assert PROXY_PASSWORD.encode() not in raw and PROXY_PASSWORD not in caplog.text
+    assert tls_endpoint.requests == []
+
+
+async def test_put_and_gzip_through_the_delivery_path(tmp_path: Path) -> None:
+    async with Endpoint(decode_bodies=False) as raw:
+        config, db = relay_store(tmp_path, raw.url, method="PATCH", compression="gzip")
+        relay_ingest(db, config, fragment("p-1"), fragment("p-2"))
+        decide(db, config)
+        await pipeline.deliver(db, config, config.dataflow(FLOW))
+    assert sorted(r.method for r in raw.requests) == ["PATCH", "PATCH"]
+    bodies = [orjson.loads(gzip.decompress(r.body)) for r in raw.requests]
+    assert sorted(b["person"]["name"]["firstName"] for b in bodies) == ["Ann", "Ann"]
+    assert db.pending_count(FLOW) == 0
 
 
 # -- redirects -------------------------------------------------------------------------------
