@@ -145,7 +145,7 @@ def _certificate_problem(cert: BaseException) -> str:
         return (f"{detail}: the server's certificate is not signed by a trusted CA; for a "
                 "private CA, set ca_bundle to its certificate")
     if code in _NAME_MISMATCH_CODES:
-        return (f"{detail} (hostname mismatch): write the endpoint with a host name the "
+        return (f"{detail} (hostname mismatch): write the URL with a host name the "
                 "certificate is issued for, or have the certificate reissued")
     if code in _EXPIRED_CODES:
         return f"{detail}: the server's certificate must be renewed"
