@@ -293,6 +293,16 @@ async def test_no_proxy_bypasses_the_environment_proxy(
     assert proxy.requests == [] and len(endpoint.requests) == 1
 
 
+async def test_an_environment_proxy_of_another_scheme_is_ignored_with_a_warning(
+        endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("http_proxy", f"socks5://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:1080")
+    outcome = await send(dest(endpoint.url))
+    assert outcome.delivered, outcome.error  # directly, as aiohttp itself would
+    assert "http_proxy is not an http(s) proxy URL; connecting to 127.0.0.1 directly" in caplog.text
+    assert PROXY_PASSWORD not in caplog.text
+
+
 async def test_the_destination_proxy_overrides_the_environment(
         endpoint: Endpoint, proxy: ForwardProxy, monkeypatch: pytest.MonkeyPatch) -> None:
     async with ForwardProxy() as from_env:
