@@ -311,9 +311,10 @@ def test_send(config: ConfigOpt,
     from tasks.body import TemplateError
     from tasks.sample import sample_request, send_sample
 
+    dest = cfg.destination(destination)
     try:
         if dry_run:
-            _print_request(sample_request(cfg, destination))
+            _print_request(sample_request(cfg, destination), dest)
             return
         result = _run(send_sample(cfg, destination))
     except TemplateError as exc:
@@ -322,10 +323,14 @@ def test_send(config: ConfigOpt,
                   "profile)", markup=False)
         raise typer.Exit(2) from None
     modelled = _modelled(result.sample)
-    out.print(f"{result.method} {result.url}", markup=False)
-    for name, value in result.headers:
+    out.print(f"{dest.method} {result.url}", markup=False)
+    if route := _route(dest):
+        out.print(f"  ({route})", markup=False)
+    for name, value in [*result.headers, *_encoding_header(dest)]:
         out.print(f"  {name}: {value}", markup=False)
-    out.print(f"  body ({len(result.sample.body)} bytes, sample {modelled}):", markup=False)
+    out.print(f"  body ({len(result.sample.body)} bytes"
+              f"{', sent gzip-compressed' if dest.compression == 'gzip' else ''}, "
+              f"sample {modelled}):", markup=False)
     out.print(f"  {result.sample.body.decode()}", markup=False)
     outcome = result.outcome
     status = str(outcome.status) if outcome.status is not None else "no response"
@@ -339,8 +344,27 @@ def test_send(config: ConfigOpt,
     diag = result.diagnosis
     assert diag is not None
     err.print(f"failed: {diag.reason}: {diag.detail or 'no detail'}", markup=False)
-    err.print(f"hint: {diag.hint}", markup=False)
+    if diag.reason != "TLS/certificate":
+        # a TLS error's text already says what to change (ca_bundle, client_cert, the host
+        # name); the general TLS hint would only contradict it
+        err.print(f"hint: {diag.hint}", markup=False)
     raise typer.Exit(1)
+
+
+def _route(dest: Any) -> str | None:
+    """Which proxy test-send's request goes through (host and port only), if any."""
+    from destinations.network import proxy_for
+
+    proxy = proxy_for(dest.endpoint, dest.proxy)
+    if proxy is None:
+        return None
+    source = "the destination's proxy" if proxy.source == "proxy" else proxy.source
+    return f"via proxy {proxy.where}, from {source}"
+
+
+def _encoding_header(dest: Any) -> list[tuple[str, str]]:
+    """The header ``compression: gzip`` adds to every request."""
+    return [("Content-Encoding", "gzip")] if dest.compression == "gzip" else []
 
 
 def _modelled(sample: Any) -> str:
@@ -349,22 +373,30 @@ def _modelled(sample: Any) -> str:
             else "no dataflow uses this destination: identities only")
 
 
-def _print_request(request: Any) -> None:
+def _print_request(request: Any, dest: Any) -> None:
     """``test-send --dry-run``: the request line, the headers (secret values masked), a
-    blank line, then the body byte for byte."""
+    blank line, then the body byte for byte (before compression, with ``compression:
+    gzip``: what the receiver reads once it has decoded it)."""
+    from destinations.sender import gzip_body
+
     modelled = _modelled(request.sample)
-    out.print(f"{request.method} {request.url}", markup=False)
-    for name, value in request.headers:
+    body = request.sample.body
+    gzipped = dest.compression == "gzip"
+    out.print(f"{dest.method} {request.url}", markup=False)
+    for name, value in [*request.headers, *_encoding_header(dest)]:
         out.print(f"{name}: {value}", markup=False)
-    out.print(f"Content-Length: {len(request.sample.body)}", markup=False)
+    out.print(f"Content-Length: {len(gzip_body(body) if gzipped else body)}", markup=False)
     out.print("", markup=False)
     sys.stdout.flush()
-    out.file.write(request.sample.body.decode())
-    if not request.sample.body.endswith(b"\n"):
+    out.file.write(body.decode())
+    if not body.endswith(b"\n"):
         out.file.write("\n")
     out.file.flush()
-    err.print(f"dry run: nothing sent (sample {modelled}; the body above is exactly what "
-              "test-send would send)", markup=False)
+    what = ("exactly what test-send would send, before gzip compression" if gzipped
+            else "exactly what test-send would send")
+    route = _route(dest)
+    err.print(f"dry run: nothing sent (sample {modelled}; the body above is {what}"
+              f"{'; ' + route if route else ''})", markup=False)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -29,6 +31,8 @@ from pydantic import (
 MAX_RATE_LIMIT = 10_000
 MAX_BATCH_PROFILES = 10_000
 MAX_BATCH_BYTES = 100_000_000
+DEFAULT_REDELIVER_AFTER = (60.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0)
+MAX_REDELIVERIES = 20
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _BLOCK_REF = re.compile(r"^\{\{\s*prefect\.blocks\.secret\.([A-Za-z0-9_-]+)\s*\}\}$")
 _PATH_PART = r"[A-Za-z0-9_@$-][A-Za-z0-9_@$:-]*"
@@ -172,6 +176,9 @@ def parse_headers(text: str) -> list[tuple[str, str]]:
         if name.lower() in RESERVED_HEADERS:
             raise ValueError(f"header {name!r} frames or routes the request and is set by "
                              "profile-relay itself; remove it")
+        if name.lower() == "content-encoding":
+            raise ValueError(f"header {name!r} is set by profile-relay itself (compression: "
+                             "gzip); remove it")
         value = value.strip()
         if any(c in value for c in "\r\n\x00"):
             raise ValueError(f"header {name!r}: the value contains a line break or NUL character")
@@ -188,6 +195,77 @@ def parse_query(text: str) -> list[tuple[str, str]]:
         if "=" not in item or not item.split("=", 1)[0]:
             raise ValueError(f"cannot parse query parameter {item!r}: expected name=value")
     return parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+
+
+def _check_proxy(value: SecretStr) -> SecretStr:
+    """``http(s)://[user:password@]host:port``. Messages never echo the URL: it may hold a
+    password."""
+    raw = value.get_secret_value()
+    _check_url(raw, "proxy")
+    parts = urlsplit(raw)
+    try:
+        _ = parts.port  # raises for a port that is not a number in range
+    except ValueError:
+        raise ValueError("proxy has an invalid port") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("proxy must be scheme://[user:password@]host:port, without a path "
+                         "or query")
+    return value
+
+
+# A proxy URL may carry ``user:password@``, so it is a secret like the others (a reference
+# such as ``${RELAY_PROXY}`` works too).
+ProxyUrl = Annotated[SecretStr, BeforeValidator(_resolve_secret), Field(min_length=1),
+                     AfterValidator(_check_proxy)]
+Method = Annotated[Literal["POST", "PUT", "PATCH"],
+                   BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v)]
+RedeliveryDelay = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A file path as written, read from beside the config file when relative (the loader
+    passes ``base_dir`` in the validation context); it must exist."""
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    path = value if value.is_absolute() or base is None else Path(base) / value
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+def _no_password() -> bytes:
+    """For ``load_cert_chain``: never let OpenSSL prompt on the terminal for a passphrase."""
+    return b""
+
+
+def check_client_certificate(cert: Path) -> None:
+    """The file holds at least one PEM certificate (the client's, maybe with its chain)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
+        raise ValueError(f"no PEM certificate could be read from {cert} ({reason})") from None
+
+
+def check_client_key(cert: Path, key: Path) -> None:
+    """The key loads (unencrypted PEM) and belongs to the certificate, as the sender will
+    load them: a mismatch is reported at ``validate`` rather than on every request."""
+    try:
+        text = key.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {key}: {exc.strerror or type(exc).__name__}") from None
+    if b"ENCRYPTED" in text:
+        raise ValueError(f"{key} is password-protected; give an unencrypted PEM key (a file "
+                         "only the relay's user can read)")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"the key in {key} does not match the certificate in client_cert "
+                             f"({cert})") from None
+        raise ValueError(f"no PEM private key for client_cert could be read from {key} "
+                         f"({exc.reason or 'unreadable'})") from None
 
 
 class Batch(_Model):
@@ -237,10 +315,21 @@ class Destination(_Model):
     retry_backoff_seconds: float = Field(default=1.0, ge=0, le=300)
     max_retry_after_seconds: float = Field(default=60.0, ge=0, le=3600)
     ca_bundle: Path | None = None
+    # mutual TLS: both or neither (checked on client_key, which is validated after client_cert)
+    client_cert: Path | None = None
+    client_key: Path | None = Field(default=None, validate_default=True)
+    proxy: ProxyUrl | None = None
+    method: Method = "POST"
+    compression: Literal["none", "gzip"] = "none"
     signing_secret: Secret | None = None
     batch: Batch = Field(default_factory=Batch)
     template: str | None = None
     template_strict: bool = False
+    # automatic redelivery of the failed store, and the circuit breaker
+    redeliver_after: list[RedeliveryDelay] = Field(
+        default_factory=lambda: list(DEFAULT_REDELIVER_AFTER), max_length=MAX_REDELIVERIES)
+    pause_after_failures: int = Field(default=50, ge=1)
+    probe_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("template")
     @classmethod
@@ -268,10 +357,31 @@ class Destination(_Model):
 
     @field_validator("ca_bundle")
     @classmethod
-    def _ca_bundle(cls, v: Path | None) -> Path | None:
-        if v is not None and v.is_absolute() and not v.is_file():
-            raise ValueError(f"no such file: {v}")
-        return v
+    def _ca_bundle(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(v, info)
+
+    @field_validator("client_cert")
+    @classmethod
+    def _client_cert(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        path = _existing_file(v, info)
+        if path is not None:
+            check_client_certificate(path)
+        return path
+
+    @field_validator("client_key")
+    @classmethod
+    def _client_key(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        key = _existing_file(v, info)
+        if "client_cert" not in info.data:
+            return key  # client_cert itself is invalid; its own error says why
+        cert = info.data["client_cert"]
+        if cert is None and key is not None:
+            raise ValueError("client_key is given without client_cert: give both or neither")
+        if cert is not None and key is None:
+            raise ValueError("client_cert is given without client_key: give both or neither")
+        if cert is not None and key is not None:
+            check_client_key(cert, key)
+        return key
 
     @field_validator("signing_secret")
     @classmethod
@@ -320,10 +430,13 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _relative_paths(self) -> Config:
-        """A relative ``ca_bundle`` is read from beside the config file, as ``state`` is."""
+        """Relative TLS files are read from beside the config file, as ``state`` is (the
+        loader resolves them while validating; this covers a Config built without it)."""
         for dest in self.destinations:
-            if dest.ca_bundle is not None and not dest.ca_bundle.is_absolute():
-                dest.ca_bundle = self.base_dir / dest.ca_bundle
+            for field in ("ca_bundle", "client_cert", "client_key"):
+                path = getattr(dest, field)
+                if path is not None and not path.is_absolute():
+                    setattr(dest, field, self.base_dir / path)
         return self
 
     @property
@@ -437,7 +550,8 @@ def parse_config(data: Any, base_dir: Path = Path("."), source: str = "config") 
     problems: list[tuple[str, str]] = []
     config = None
     try:
-        config = Config.model_validate({**data, "base_dir": base_dir})
+        config = Config.model_validate({**data, "base_dir": base_dir},
+                                       context={"base_dir": base_dir})
     except ValidationError as exc:
         problems = [(_loc_to_path(e["loc"]), _friendly(e)) for e in exc.errors(include_url=False)]
     problems += _cross_check(data)
@@ -471,6 +585,13 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data, base_dir=path.resolve().parent, source=str(path))
 
 
+def _has_password(url: str) -> bool:
+    try:
+        return urlsplit(url.strip()).password is not None
+    except ValueError:
+        return False
+
+
 def inline_secrets(data: dict[str, Any]) -> list[str]:
     """Field paths of secrets written inline in the raw YAML instead of as references."""
     found: list[str] = []
@@ -479,6 +600,9 @@ def inline_secrets(data: dict[str, Any]) -> list[str]:
             continue
         if isinstance(dest.get("signing_secret"), str) and not is_reference(dest["signing_secret"]):
             found.append(f"destinations[{i}].signing_secret")
+        proxy = dest.get("proxy")
+        if isinstance(proxy, str) and not is_reference(proxy) and _has_password(proxy):
+            found.append(f"destinations[{i}].proxy")
         auth = dest.get("auth") or {}
         if isinstance(auth, dict):
             for key in ("token", "client_secret", "password"):

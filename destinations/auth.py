@@ -26,6 +26,7 @@ from config import (
     OAuth2ClientCredentialsAuth,
     OAuth2PasswordAuth,
 )
+from destinations.network import Proxy, proxy_for
 from destinations.outcome import classify_exception, classify_status, describe_exception, redact
 
 _OAUTH_ERROR_CODE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -99,6 +100,8 @@ class OAuth2Provider(TokenProvider):
         *,
         basic_client_auth: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        proxy: Proxy | None = None,
+        client_cert: bool = False,
     ) -> None:
         self.destination = destination
         self.token_url = token_url
@@ -110,6 +113,12 @@ class OAuth2Provider(TokenProvider):
         self._clock = clock
         url = URL(token_url)
         self._where = f"{url.host}{url.path}"
+        # the token URL's own proxy (no_proxy may list its host but not the endpoint's)
+        self._proxy = proxy
+        self._proxy_url = proxy.url if proxy is not None else None
+        if proxy is not None:
+            self._where += f" via proxy {proxy.where}"
+        self._client_cert = client_cert if url.scheme == "https" else None
 
         self._token: str | None = None
         self._header: str | None = None
@@ -154,6 +163,8 @@ class OAuth2Provider(TokenProvider):
     def secret_values(self) -> tuple[str, ...]:
         values = [self._client_secret, *(v for k, v in self._grant.items() if k == "password")]
         values += [v for v in (self._token, self._refresh_token) if v]
+        if self._proxy is not None:
+            values += self._proxy.secret_values()
         return tuple(values)
 
     # -- internals ------------------------------------------------------------------------
@@ -196,7 +207,8 @@ class OAuth2Provider(TokenProvider):
         grant = form["grant_type"]
         try:
             async with session.post(
-                self.token_url, data=form, headers=headers, allow_redirects=False
+                self.token_url, data=form, headers=headers, allow_redirects=False,
+                proxy=self._proxy_url,
             ) as resp:
                 status = resp.status
                 body = await resp.read()
@@ -207,7 +219,7 @@ class OAuth2Provider(TokenProvider):
             timeout = session.timeout.total if session.timeout else None
             raise self._error(
                 f"token request ({grant}) to {self._where} failed: "
-                f"{describe_exception(exc, timeout)}",
+                f"{describe_exception(exc, timeout, client_cert=self._client_cert)}",
                 retryable=kind == "retryable",
             ) from None
 
@@ -279,6 +291,9 @@ def make_provider(dest: Destination) -> TokenProvider:
         return BearerProvider(auth.token.get_secret_value())
     extras = {k: v for k, v in (("scope", auth.scope), ("audience", auth.audience)) if v}
     secret = auth.client_secret.get_secret_value()
+    # token requests go through the destination's session: its proxy rules and TLS identity
+    network = {"proxy": proxy_for(auth.token_url, dest.proxy),
+               "client_cert": dest.client_cert is not None}
     if isinstance(auth, OAuth2PasswordAuth):
         grant = {
             "grant_type": "password",
@@ -286,7 +301,8 @@ def make_provider(dest: Destination) -> TokenProvider:
             "password": auth.password.get_secret_value(),
             **extras,
         }
-        return OAuth2Provider(dest.name, auth.token_url, grant, auth.client_id, secret)
+        return OAuth2Provider(dest.name, auth.token_url, grant, auth.client_id, secret,
+                              **network)
     if isinstance(auth, OAuth2ClientCredentialsAuth):
         return OAuth2Provider(
             dest.name,
@@ -295,5 +311,6 @@ def make_provider(dest: Destination) -> TokenProvider:
             auth.client_id,
             secret,
             basic_client_auth=auth.credentials_type == "basic_authorization",
+            **network,
         )
     raise TypeError(f"unsupported auth type {type(auth).__name__}")

@@ -9,6 +9,7 @@ strings (tokens hide there) or credentials.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -77,14 +78,58 @@ _RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# TLS alerts by which a server refuses our certificate (or its absence): a config problem.
+_CLIENT_CERT_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the server refused the TLS handshake (handshake "
+                                     "failure alert, as servers that require a client "
+                                     "certificate answer when they get none)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the client certificate's CA "
+                              "(unknown CA alert)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the server refused the client certificate (bad "
+                                   "certificate alert)",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the server refused the client certificate "
+                                       "(certificate unknown alert)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server says the client certificate has expired",
+    "TLSV1_ALERT_ACCESS_DENIED": "the server refused the client certificate (access "
+                                 "denied alert)",
+}
+# OpenSSL verify codes (X509_V_ERR_*) of a server certificate we cannot trust.
+_UNKNOWN_ISSUER_CODES = {2, 18, 19, 20, 21}  # issuer unknown, self-signed, leaf unverifiable
+_NAME_MISMATCH_CODES = {62, 63, 64}  # host name, e-mail, IP address mismatch
+_EXPIRED_CODES = {9, 10}  # not yet valid, expired
+
+
+def _ssl_reason(exc: BaseException) -> str | None:
+    """OpenSSL's reason code behind an aiohttp error: on the error itself, its ``os_error``
+    or its cause (a TLS 1.3 server's alert arrives after the handshake, while the request
+    is sent). aiohttp's own SSL error classes carry none; the wrapped one does."""
+    for candidate in (exc, getattr(exc, "os_error", None), exc.__cause__, exc.__context__):
+        reason = getattr(candidate, "reason", None)
+        if isinstance(candidate, ssl.SSLError) and reason:
+            return str(reason)
+    return None
+
+
+def _alert(exc: BaseException) -> str | None:
+    """The OpenSSL reason of a TLS alert about our client certificate, if that is what
+    ``exc`` is."""
+    reason = _ssl_reason(exc)
+    return reason if reason in _CLIENT_CERT_ALERTS else None
+
+
 def classify_exception(exc: BaseException) -> Kind | None:
     """Retryable for network trouble, final for certificate and config errors.
 
     Returns None for exceptions that are not delivery problems (programming errors),
     which the caller should let propagate.
     """
-    if isinstance(exc, _FINAL_ERRORS):
+    if isinstance(exc, _FINAL_ERRORS) or _alert(exc) is not None:
         return "final"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        # the proxy refused the tunnel: its 407 or 403 is final, its 502 or 503 retried
+        kind = classify_status(exc.status)
+        return "final" if kind == "delivered" else kind
     if isinstance(exc, _RETRYABLE_ERRORS):
         return "retryable"
     if isinstance(exc, aiohttp.ClientError):
@@ -92,23 +137,66 @@ def classify_exception(exc: BaseException) -> Kind | None:
     return None
 
 
-def describe_exception(exc: BaseException, timeout: float | None = None) -> str:
-    """A short, secret-free description of a transport error.
+def _certificate_problem(cert: BaseException) -> str:
+    """Why the server's certificate is not trusted, and what to change."""
+    code = getattr(cert, "verify_code", None)
+    detail = getattr(cert, "verify_message", None) or type(cert).__name__
+    if code in _UNKNOWN_ISSUER_CODES:
+        return (f"{detail}: the server's certificate is not signed by a trusted CA; for a "
+                "private CA, set ca_bundle to its certificate")
+    if code in _NAME_MISMATCH_CODES:
+        return (f"{detail} (hostname mismatch): write the URL with a host name the "
+                "certificate is issued for, or have the certificate reissued")
+    if code in _EXPIRED_CODES:
+        return f"{detail}: the server's certificate must be renewed"
+    return detail
 
-    ``str(exc)`` is avoided on purpose: aiohttp puts whole URLs (query strings included)
-    into some messages.
+
+def _client_cert_problem(reason: str, client_cert: bool) -> str:
+    """A server's TLS alert about our certificate, and what to change."""
+    what = _CLIENT_CERT_ALERTS[reason]
+    if not client_cert and reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED",
+                                      "SSLV3_ALERT_HANDSHAKE_FAILURE"):
+        return f"{what}; set client_cert and client_key (mutual TLS)"
+    if reason == "SSLV3_ALERT_HANDSHAKE_FAILURE":
+        return f"{what}; check that the server accepts client_cert and shares a TLS version"
+    return f"{what}; check client_cert and client_key"
+
+
+def describe_exception(exc: BaseException, timeout: float | None = None, *,
+                       client_cert: bool | None = None) -> str:
+    """A short, secret-free description of a transport error, with what to change when
+    the cause is known (TLS trust, a client certificate, a proxy).
+
+    ``client_cert`` says whether the request went over TLS with a client certificate
+    (True), over TLS without one (False), or is unknown (None); it shapes the advice.
+    ``str(exc)`` is avoided on purpose: aiohttp puts whole URLs (query strings, proxy
+    credentials) into some messages.
     """
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        cert = exc.certificate_error
-        detail = getattr(cert, "verify_message", None) or type(cert).__name__
-        return f"TLS certificate error for {exc.host}:{exc.port}: {detail}"
+        return (f"TLS certificate error for {exc.host}:{exc.port}: "
+                f"{_certificate_problem(exc.certificate_error)}")
     if isinstance(exc, ssl.CertificateError):
-        return f"TLS certificate error: {getattr(exc, 'verify_message', None) or 'verification failed'}"
+        return f"TLS certificate error: {_certificate_problem(exc)}"
     if isinstance(exc, aiohttp.ServerFingerprintMismatch):
         return "TLS certificate fingerprint mismatch"
+    if (reason := _alert(exc)) is not None:
+        where = (f" with {exc.host}:{exc.port}"
+                 if isinstance(exc, aiohttp.ClientConnectorError) else "")
+        return f"TLS error{where}: {_client_cert_problem(reason, bool(client_cert))}"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return (f"the proxy answered {exc.status} {exc.message} to CONNECT"
+                + ("; check the proxy's user and password" if exc.status == 407 else ""))
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        detail = exc.os_error.strerror or type(exc.os_error).__name__
+        return f"proxy {exc.host}:{exc.port} unreachable: {detail}"
     if isinstance(exc, aiohttp.ClientConnectorSSLError):
         reason = getattr(exc.os_error, "reason", None) or "handshake failed"
         return f"TLS error connecting to {exc.host}:{exc.port}: {reason}"
+    if _is_reset(exc) and client_cert is False:
+        # an asyncio (Python) server cuts a client without a certificate this way, alert unsent
+        return ("connection reset by the server; if it requires a client certificate, set "
+                "client_cert and client_key")
     if isinstance(exc, aiohttp.ClientConnectorError):
         detail = exc.os_error.strerror or type(exc.os_error).__name__
         return f"cannot connect to {exc.host}:{exc.port}: {detail}"
@@ -125,6 +213,12 @@ def describe_exception(exc: BaseException, timeout: float | None = None) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{type(exc).__name__}: {exc.strerror}"
     return type(exc).__name__
+
+
+def _is_reset(exc: BaseException) -> bool:
+    """A connection reset, whether aiohttp met it while connecting or while sending."""
+    error = getattr(exc, "os_error", exc)
+    return isinstance(error, OSError) and error.errno == errno.ECONNRESET
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

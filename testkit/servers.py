@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, NoReturn, Self
+from typing import Any, Literal, NoReturn, Self
 from urllib.parse import unquote_plus
 
 import orjson
@@ -59,6 +59,7 @@ class LoopbackServer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port = port
+        self._runner_options: dict[str, Any] = {}  # more aiohttp.web server settings
 
     def _app(self) -> web.Application:
         raise NotImplementedError
@@ -71,7 +72,8 @@ class LoopbackServer:
     async def start(self) -> Self:
         # handler_cancellation: a handler still sleeping for a client that gave up stops.
         self._runner = web.AppRunner(
-            self._app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.2
+            self._app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.2,
+            **self._runner_options,
         )
         await self._runner.setup()
         await self.listen()
@@ -115,11 +117,15 @@ class Endpoint(LoopbackServer):
     next requests in order; ``always``, ``delay`` and ``expect_bearer`` hold until reset;
     ``refuse`` closes it to connections until ``accept``. ``keep_requests=False`` keeps no
     request in memory (a long run's); a subclass sees each answer in ``answered``.
+    ``decode_bodies=False`` records bodies as they came over the wire (aiohttp otherwise
+    decodes a ``Content-Encoding: gzip`` body before the handler sees it).
     """
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None, *,
-                 keep_requests: bool = True) -> None:
+                 keep_requests: bool = True, decode_bodies: bool = True) -> None:
         super().__init__(ssl_context)
+        if not decode_bodies:
+            self._runner_options["auto_decompress"] = False
         self.keep_requests = keep_requests
         self.requests: list[Recorded] = []
         self.refusing = False
