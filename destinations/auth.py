@@ -47,11 +47,20 @@ class AuthError(Exception):
         return AuthError(self.destination, self.reason, self.retryable)
 
 
+RENEW = object()  # ``TokenProvider.cached``: no header to hand; await ``header`` for one
+
+
 class TokenProvider:
     """Base provider: no Authorization header at all (``auth: {type: none}``)."""
 
     async def header(self, session: aiohttp.ClientSession) -> str | None:
         """The Authorization value for the next request, or None for no header."""
+        return None
+
+    def cached(self) -> str | object | None:
+        """``header`` without awaiting, when no token request is needed (a static
+        credential, a token still fresh); ``RENEW`` when ``header`` must be awaited. Saves
+        a coroutine per request on the sender's hot path."""
         return None
 
     def invalidate(self, header_value: str) -> None:
@@ -74,6 +83,9 @@ class BearerProvider(TokenProvider):
         self._header = f"Bearer {token}"
 
     async def header(self, session: aiohttp.ClientSession) -> str | None:
+        return self._header
+
+    def cached(self) -> str | object | None:
         return self._header
 
     def secret_values(self) -> tuple[str, ...]:
@@ -153,6 +165,9 @@ class OAuth2Provider(TokenProvider):
             finally:
                 self._finished += 1
             return self._header
+
+    def cached(self) -> str | object | None:
+        return self._header if self._fresh() else RENEW
 
     def invalidate(self, header_value: str) -> None:
         if header_value == self._header:  # else another request already renewed it

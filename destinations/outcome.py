@@ -12,10 +12,9 @@ import asyncio
 import errno
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import aiohttp
 
@@ -24,9 +23,8 @@ Kind = Literal["delivered", "retryable", "final"]
 REDACTED = "***"
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one delivery attempt came to.
+class Outcome(NamedTuple):
+    """What one delivery attempt came to (a named tuple: one is made per request).
 
     ``body_start`` holds the first bytes of the response only when the caller asked for
     it (``test-send``); it may echo what we sent, so it is redacted but never stored.

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from config import Destination
-from destinations.auth import AuthError, TokenProvider, make_provider
+from destinations.auth import RENEW, AuthError, TokenProvider, make_provider
 from destinations.network import Proxy, proxy_for, ssl_context
 from destinations.outcome import (
     Kind,
@@ -193,10 +193,12 @@ class Sender:
 
         renewed = False
         while True:
-            try:
-                auth = await self.provider.header(session)
-            except AuthError as exc:
-                return self._auth_failed(exc, None, started)
+            auth = self.provider.cached()
+            if auth is RENEW:
+                try:
+                    auth = await self.provider.header(session)
+                except AuthError as exc:
+                    return self._auth_failed(exc, None, started)
             if auth is not None:
                 headers["Authorization"] = auth
             try:

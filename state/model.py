@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 STATUSES = frozenset({"realized", "existing", "exited"})
 QUALIFIED = frozenset({"realized", "existing"})
@@ -60,9 +60,10 @@ class Export:
     qualified: str      # mapped segments qualified at this state, newline separated
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """An export waiting in the outbox, as a sender claims it."""
+class Pending(NamedTuple):
+    """An export waiting in the outbox, as a sender claims it. A named tuple, like
+    ``Attempt``: one is made per export sent, and a tuple is made at a quarter of a frozen
+    dataclass's cost."""
 
     profile_id: str
     seq: int
@@ -73,8 +74,7 @@ class Pending:
     delivered_seq: int = 0  # the newest state of this profile the dataflow has delivered
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
+class Attempt(NamedTuple):
     """The outcome of sending one pending export once. ``sent_seq`` and ``key`` identify
     the state that was sent (the profile's state at send time)."""
 

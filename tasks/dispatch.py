@@ -134,7 +134,7 @@ class _Batches:
         size = 0
         while group:
             head = group[0]
-            if isinstance(head, tuple):  # rendered for the last batch, which it did not fit
+            if not isinstance(head, Pending):  # rendered for the last batch, which it did not fit
                 item, profile, key, part = head
             else:
                 item = head
