@@ -125,7 +125,7 @@ def ingest(config: ConfigOpt,
 @app.command()
 def stream(config: ConfigOpt,
            dataflow: Annotated[str | None, typer.Option(help="only this dataflow")] = None,
-           interval: Annotated[float, typer.Option(help="seconds between polls")] = 2.0,
+           interval: Annotated[float, typer.Option(help="at most this many seconds between passes; new changes start one sooner")] = 2.0,
            once: Annotated[bool, typer.Option("--once", help="one whole pass, then exit")] = False,
            run_seconds: Annotated[float, typer.Option(help="end the run after this long")] = 3600.0,
            ) -> None:

@@ -61,69 +61,47 @@ def next_due(db: sqlite_utils.Database, dataflow: str) -> int | None:
                            (dataflow,)).fetchone()[0]
 
 
-def _rows(rows: list[tuple]) -> str:
-    """Rows as one JSON array of arrays: a whole group is bound as one parameter and read
-    back with ``json_each``, one statement per kind instead of one per row."""
-    return orjson.dumps(rows).decode()
-
-
-# Each statement touches only the outbox rows that still hold the very export recorded (a
-# newer export of the profile may have replaced it meanwhile).
-# CROSS JOIN: SQLite keeps that order, so each listed export is one index lookup (a plain
-# join let the planner walk the dataflow's whole outbox for every row).
-_CLOSE = ("DELETE FROM outbox WHERE rowid IN (SELECT o.rowid FROM json_each(?2) j "
-          "CROSS JOIN outbox o ON o.dataflow = ?1 AND o.profile_id = j.value->>0 "
-          "AND o.seq = j.value->>1)")
-_LOG_DELIVERED = (
-    "INSERT INTO deliveries (dataflow, profile_id, seq, idempotency_key, status, attempts, "
-    "latency_ms, delivered_at) SELECT ?1, value->>0, value->>1, value->>2, value->>3, "
-    "value->>4, value->>5, value->>6 FROM json_each(?2)")
-_DELIVERED_SEQ = (
-    "INSERT INTO dataflow_profiles (dataflow, profile_id, qualified, delivered_seq) "
-    "SELECT ?1, value->>0, '', value->>1 FROM json_each(?2) WHERE true "
-    "ON CONFLICT (dataflow, profile_id) DO UPDATE SET "
-    "delivered_seq = max(delivered_seq, excluded.delivered_seq)")
-# Retries are the rare path (one row each, several values per row): executemany.
-_RESCHEDULE = (
-    "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, "
-    "last_error = ?, first_attempt_at = coalesce(first_attempt_at, ?), last_attempt_at = ? "
-    "WHERE dataflow = ? AND profile_id = ? AND seq = ?")
-_LOG_FAILED = (
-    "INSERT INTO failed_requests (dataflow, profile_id, shard, seq, idempotency_key, reason, "
-    "attempts, last_status, last_error, first_attempt_at, last_attempt_at) "
-    "SELECT ?1, value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
-    "value->>6, value->>7, value->>8, value->>9 FROM json_each(?2)")
-
-
 def record(db: sqlite_utils.Database, dataflow: str, delivered: Sequence[Attempt],
            retrying: Sequence[Attempt], failed: Sequence[Attempt],
            skipped: Sequence[Pending] = (), skip_reason: str = SKIP_DELIVERED) -> None:
-    """Write a group of attempts in one transaction, one set-based statement per kind.
-    ``skipped``: exports closed unsent (for ``skip_reason``), counted per reason."""
-    closed = [(a.item.profile_id, a.item.seq) for a in (*delivered, *failed)]
-    closed += [(p.profile_id, p.seq) for p in skipped]
+    """Write a group of attempts in one transaction, one statement per kind over the whole
+    group (``executemany``: measured faster here than binding the group as one JSON array
+    read back with ``json_each``). Each row is only touched if the outbox still holds that
+    very export (a newer one may have replaced it meanwhile). ``skipped``: exports closed
+    unsent (for ``skip_reason``), counted per reason."""
     with write_txn(db) as conn:
-        if closed:
-            conn.execute(_CLOSE, (dataflow, _rows(closed)))
+        conn.executemany(
+            "DELETE FROM outbox WHERE dataflow = ? AND profile_id = ? AND seq = ?",
+            [(dataflow, a.item.profile_id, a.item.seq) for a in (*delivered, *failed)]
+            + [(dataflow, p.profile_id, p.seq) for p in skipped])
         if skipped:
             conn.execute(
                 "INSERT INTO skipped_exports (dataflow, reason, count, last_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (dataflow, reason) DO UPDATE SET count = count + excluded.count, "
                 "last_at = excluded.last_at", (dataflow, skip_reason, len(skipped), now_ms()))
-        if delivered:
-            rows = _rows([(a.item.profile_id, a.sent_seq, a.key, a.status, a.item.attempts + 1,
-                           max(0, a.at - a.item.change_at), a.at) for a in delivered])
-            conn.execute(_LOG_DELIVERED, (dataflow, rows))
-            conn.execute(_DELIVERED_SEQ, (dataflow, rows))
-        if retrying:
-            conn.executemany(_RESCHEDULE, [
-                (a.next_attempt_at, a.status, a.error, a.at, a.at, dataflow, a.item.profile_id,
-                 a.item.seq) for a in retrying])
-        if failed:
-            conn.execute(_LOG_FAILED, (dataflow, _rows([
-                (a.item.profile_id, shard_of(a.item.profile_id), a.sent_seq, a.key,
-                 a.item.reason, a.item.attempts + 1, a.status, a.error,
-                 a.item.first_attempt_at or a.at, a.at) for a in failed])))
+        conn.executemany(
+            "INSERT INTO deliveries (dataflow, profile_id, seq, idempotency_key, status, attempts, "
+            "latency_ms, delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(dataflow, a.item.profile_id, a.sent_seq, a.key, a.status, a.item.attempts + 1,
+              max(0, a.at - a.item.change_at), a.at) for a in delivered])
+        conn.executemany(
+            "INSERT INTO dataflow_profiles (dataflow, profile_id, qualified, delivered_seq) "
+            "VALUES (?, ?, '', ?) ON CONFLICT (dataflow, profile_id) DO UPDATE SET "
+            "delivered_seq = max(delivered_seq, excluded.delivered_seq)",
+            [(dataflow, a.item.profile_id, a.sent_seq) for a in delivered])
+        conn.executemany(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_status = ?, "
+            "last_error = ?, first_attempt_at = coalesce(first_attempt_at, ?), last_attempt_at = ? "
+            "WHERE dataflow = ? AND profile_id = ? AND seq = ?",
+            [(a.next_attempt_at, a.status, a.error, a.at, a.at, dataflow, a.item.profile_id,
+              a.item.seq) for a in retrying])
+        conn.executemany(
+            "INSERT INTO failed_requests (dataflow, profile_id, shard, seq, idempotency_key, reason, "
+            "attempts, last_status, last_error, first_attempt_at, last_attempt_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(dataflow, a.item.profile_id, shard_of(a.item.profile_id), a.sent_seq, a.key,
+              a.item.reason, a.item.attempts + 1, a.status, a.error,
+              a.item.first_attempt_at or a.at, a.at) for a in failed])
 
 
 def open_failures(db: sqlite_utils.Database, dataflow: str) -> list[FailedEntry]:

@@ -219,23 +219,99 @@ def _claim_chunk(store: Store, dataflow: str, spec: BodySpec, limit: int, tried_
     return _Chunk(items, profiles, last_fresh)
 
 
-async def send_chunk(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy,
-                     sender: Sender, bucket: TokenBucket, slots: asyncio.Semaphore,
-                     max_in_flight: int, chunk: _Chunk,
-                     handed_out: asyncio.Event) -> DeliverySummary:
-    """Send each export of the chunk once. ``slots`` (``max_in_flight`` places, shared by
-    the chunks in flight) is taken before a request is sent and given back once its
-    outcome is committed. Outcomes are committed on the writer thread in groups, at
-    ``COMMIT_GROUP`` of the slots or when every slot waits for a commit. ``handed_out`` is
-    set once every export was taken by a sender, so the next chunk can be claimed."""
-    loop = asyncio.get_running_loop()
+class _Recorder:
+    """Commits outcomes on the writer thread, in groups, for every chunk of a drain.
+
+    A request takes one of ``max_in_flight`` slots before it is sent and gives it back only
+    once its outcome is committed, so requests sent but not recorded never exceed
+    ``max_in_flight``: a crash re-sends (under the same Idempotency-Key) at most that many.
+    A group is committed at ``COMMIT_GROUP`` of the slots, when every slot waits for a
+    commit, or at the end; while one commits, the senders fill the next."""
+
+    def __init__(self, store: Store, dataflow: str, max_in_flight: int) -> None:
+        self.store = store
+        self.dataflow = dataflow
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self.summary = DeliverySummary()
+        # one entry per slot: a request's exports, or exports failed before any request
+        self._pending: list[list[tuple[str, Attempt]]] = []
+        self._group = max(1, int(max_in_flight * COMMIT_GROUP))
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._added = self._committed = 0  # entries, in the order they were added
+        self._flushes: list[tuple[int, asyncio.Future[None]]] = []
+
+    def add(self, entry: list[tuple[str, Attempt]]) -> None:
+        """The outcome of one slot's request (its slot is given back once committed)."""
+        self._pending.append(entry)
+        self._added += 1
+        if len(self._pending) >= self._group or self.slots.locked():
+            self._wake.set()
+
+    async def flushed(self) -> None:
+        """Wait until every outcome added so far is committed (sooner than its group would
+        be): until then its exports still look due in the store."""
+        if self._committed >= self._added:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._flushes.append((self._added, done))
+        self._wake.set()
+        await done
+
+    def close(self) -> None:
+        """No more outcomes: commit what is left, then ``run`` returns."""
+        self._closing = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        summary = self.summary
+        while True:
+            pending = self._pending
+            if pending and (self._closing or self._flushes or len(pending) >= self._group
+                            or self.slots.locked()):
+                self._pending = []
+                by_verdict: dict[str, list[Attempt]] = {"delivered": [], "retrying": [],
+                                                        "failed": []}
+                for entry in pending:
+                    for verdict, attempt in entry:
+                        by_verdict[verdict].append(attempt)
+                        if attempt.error:
+                            summary.last_error = attempt.error
+                await loop.run_in_executor(
+                    _WRITER, self.store.record_outcomes, self.dataflow, by_verdict["delivered"],
+                    by_verdict["retrying"], by_verdict["failed"])
+                summary.delivered += len(by_verdict["delivered"])
+                summary.retrying += len(by_verdict["retrying"])
+                summary.failed += len(by_verdict["failed"])
+                for _ in pending:
+                    self.slots.release()
+                self._committed += len(pending)
+                still = []
+                for upto, done in self._flushes:
+                    if upto <= self._committed:
+                        if not done.done():
+                            done.set_result(None)
+                    else:
+                        still.append((upto, done))
+                self._flushes = still
+            elif self._closing:
+                return
+            else:
+                await self._wake.wait()
+                self._wake.clear()
+
+
+async def send_chunk(spec: BodySpec, policy: RetryPolicy, sender: Sender, bucket: TokenBucket,
+                     recorder: _Recorder, max_in_flight: int, chunk: _Chunk,
+                     handed_out: asyncio.Event) -> None:
+    """Send each export of the chunk once, handing the outcomes to ``recorder``; returns
+    once they are committed. ``handed_out`` is set once every export was taken by a
+    sender, so the next chunk can be claimed while this one's last requests are in flight
+    (its profiles are left out of that claim until this returns)."""
     items, profiles = chunk.items, chunk.profiles
-    summary = DeliverySummary(sent=len(items))
-    # one entry per slot: a request's exports, or exports failed before any request
-    pending: list[list[tuple[str, Attempt]]] = []
-    wake = asyncio.Event()
-    finished = False
-    group = max(1, int(max_in_flight * COMMIT_GROUP))
+    slots = recorder.slots
+    recorder.summary.sent += len(items)
 
     def judged(item: Pending, profile: StoredProfile, outcome: Outcome,
                key: str) -> tuple[str, Attempt]:
@@ -258,13 +334,11 @@ async def send_chunk(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
             try:
                 body = render(profile, spec)
             except TemplateError as exc:
-                pending.append([_unsent(item, profile.last_seq, key, f"template: {exc}")])
+                recorder.add([_unsent(item, profile.last_seq, key, f"template: {exc}")])
             else:
                 await bucket.acquire()
                 outcome = await sender.send(body, key, {SEQUENCE_HEADER: str(profile.last_seq)})
-                pending.append([judged(item, profile, outcome, key)])
-            if len(pending) >= group or slots.locked():
-                wake.set()
+                recorder.add([judged(item, profile, outcome, key)])
 
     batches = _Batches(items, profiles, spec) if spec.batched else None
 
@@ -292,50 +366,14 @@ async def send_chunk(store: Store, dataflow: str, spec: BodySpec, policy: RetryP
             if not done:  # another sender took the last exports meanwhile
                 slots.release()
                 continue
-            pending.append(done)
-            if len(pending) >= group or slots.locked():
-                wake.set()
+            recorder.add(done)
 
-    async def committer() -> None:
-        while True:
-            if pending and (finished or len(pending) >= group or slots.locked()):
-                entries = pending[:]
-                pending.clear()
-                by_verdict: dict[str, list[Attempt]] = {"delivered": [], "retrying": [],
-                                                        "failed": []}
-                for entry in entries:
-                    for verdict, attempt in entry:
-                        by_verdict[verdict].append(attempt)
-                        if attempt.error:
-                            summary.last_error = attempt.error
-                await loop.run_in_executor(
-                    _WRITER, store.record_outcomes, dataflow, by_verdict["delivered"],
-                    by_verdict["retrying"], by_verdict["failed"])
-                summary.delivered += len(by_verdict["delivered"])
-                summary.retrying += len(by_verdict["retrying"])
-                summary.failed += len(by_verdict["failed"])
-                for _ in entries:
-                    slots.release()
-            elif finished:
-                return
-            else:
-                await wake.wait()
-                wake.clear()
-
-    async def send_all() -> None:
-        nonlocal finished
-        sender_task = batch_worker if batches is not None else worker
-        try:
-            await asyncio.gather(*(sender_task() for _ in range(min(max_in_flight, len(items)))))
-        finally:
-            handed_out.set()
-        finished = True
-        wake.set()
-
-    async with asyncio.TaskGroup() as tasks:  # a failing commit cancels the senders
-        tasks.create_task(committer())
-        tasks.create_task(send_all())
-    return summary
+    sender_task = batch_worker if batches is not None else worker
+    try:
+        await asyncio.gather(*(sender_task() for _ in range(min(max_in_flight, len(items)))))
+    finally:
+        handed_out.set()
+    await recorder.flushed()
 
 
 async def drain(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy,
@@ -343,39 +381,42 @@ async def drain(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy
     """Send everything due, chunk after chunk, each export at most once per drain. The
     next chunk is claimed and loaded (on the writer thread) as soon as every export of the
     last one was taken by a sender, and sent while the last one's requests finish, so the
-    senders never wait for the store between chunks. ``max_in_flight`` bounds the requests
-    sent and not yet recorded across all chunks."""
+    senders never wait for the store between chunks."""
     loop = asyncio.get_running_loop()
-    total = DeliverySummary()
     started = now_ms()
     limit = round_size(spec, max_in_flight)
-    slots = asyncio.Semaphore(max_in_flight)
-    running: dict[asyncio.Task[DeliverySummary], set[str]] = {}
+    recorder = _Recorder(store, dataflow, max_in_flight)
+    running: dict[asyncio.Task[None], set[str]] = {}
     after_seq: int | None = None
-    try:
-        while True:  # ends: each export is claimed at most once per drain (tried_before)
-            busy = set().union(*running.values())
-            chunk = await loop.run_in_executor(_WRITER, _claim_chunk, store, dataflow, spec,
-                                               limit, started, after_seq, busy)
-            if chunk is None:
-                break
-            after_seq = chunk.last_fresh_seq
-            if not chunk.items:
-                continue
-            handed_out = asyncio.Event()
-            task = asyncio.create_task(send_chunk(store, dataflow, spec, policy, sender,
-                                                  bucket, slots, max_in_flight, chunk,
-                                                  handed_out))
-            running[task] = set(chunk.profiles)
-            await asyncio.wait([task, asyncio.ensure_future(handed_out.wait())],
-                               return_when=asyncio.FIRST_COMPLETED)
-            for done in [t for t in running if t.done()]:
-                del running[done]
-                total.add(done.result())
-        for task in list(running):
-            total.add(await task)
-            del running[task]
-    finally:
-        for task in running:
-            task.cancel()
-    return total
+
+    async def feed() -> None:
+        nonlocal after_seq
+        try:
+            while True:  # ends: each export is claimed at most once per drain (tried_before)
+                busy = set().union(*running.values())
+                chunk = await loop.run_in_executor(_WRITER, _claim_chunk, store, dataflow,
+                                                   spec, limit, started, after_seq, busy)
+                if chunk is None:
+                    break
+                after_seq = chunk.last_fresh_seq
+                if not chunk.items:
+                    continue
+                handed_out = asyncio.Event()
+                task = asyncio.create_task(send_chunk(spec, policy, sender, bucket, recorder,
+                                                      max_in_flight, chunk, handed_out))
+                running[task] = set(chunk.profiles)
+                task.add_done_callback(running.pop)
+                waiter = asyncio.ensure_future(handed_out.wait())
+                await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if task.done():
+                    task.result()  # a failed chunk ends the drain with its error
+            for task in list(running):
+                await task
+        finally:
+            recorder.close()
+
+    async with asyncio.TaskGroup() as tasks:  # a failing commit cancels the senders
+        tasks.create_task(recorder.run())
+        tasks.create_task(feed())
+    return recorder.summary

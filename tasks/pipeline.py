@@ -35,6 +35,8 @@ BACKFILL_CHUNK = 5_000
 MAX_BATCHES_PER_PASS = 20  # then deliver, so a long backlog does not hold up sending
 LOCK_POLL_SECONDS = 0.05
 FILL_POLL_SECONDS = 0.05  # while a stream pass waits to fill a batch (batch.max_wait_ms)
+WAKE_POLL_SECONDS = 0.05  # while a stream waits between passes, how often it looks for changes
+MIN_PASS_GAP_SECONDS = 0.2  # new changes start a pass at once, but passes start no closer
 
 log = logging.getLogger("profile_relay")
 
@@ -240,6 +242,19 @@ def replay(store: Store, flow: Dataflow) -> ReplayPlan:
 
 
 # -- delivering ----------------------------------------------------------------------------------
+
+async def wait_for_changes(store: Store, seen_head: int, until: float,
+                           earliest: float = 0.0) -> None:
+    """Sleep until ``until`` (``time.monotonic()``), or until the change log has grown past
+    ``seen_head``, but not before ``earliest``. A change committed while the stream sleeps
+    is decided within about ``WAKE_POLL_SECONDS`` instead of waiting out the poll
+    interval; one cheap read of the log's head per look, whatever the number of
+    dataflows."""
+    while (left := until - time.monotonic()) > 0:
+        if time.monotonic() >= earliest and store.head_seq() > seen_head:
+            return
+        await asyncio.sleep(min(WAKE_POLL_SECONDS, left))
+
 
 def has_work(store: Store, flow: Dataflow) -> bool:
     """Whether a pass would do anything now: new changes, an open backfill, or an export

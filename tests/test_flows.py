@@ -93,3 +93,27 @@ async def test_backfill_by_hand_and_replay(tmp_path, endpoint):
     result = await backfill_flow(config_path, FLOW, "seg-a")
     assert result["exported"] == 2
     assert {r.headers["X-Relay-Sequence"] for r in endpoint.requests} == {"1", "2"}
+
+
+async def test_stream_wakes_on_new_changes_instead_of_sleeping_the_interval(tmp_path, endpoint):
+    """A change committed while the stream sleeps is decided and delivered at once: with an
+    interval longer than the whole run, only the wake-up can deliver it."""
+    import asyncio
+
+    config, db = store(tmp_path, endpoint.url)
+    ingest(db, config, fragment("p-0"))
+    run = asyncio.create_task(stream_flow(str(tmp_path / "config.yaml"), interval=600.0,
+                                          run_seconds=8.0))
+    for _ in range(300):  # the first pass delivers p-0; then the stream waits
+        if endpoint.requests or run.done():
+            break
+        await asyncio.sleep(0.05)
+    assert len(endpoint.requests) == 1
+    ingest(db, config, fragment("p-1"))
+    for _ in range(300):
+        if len(endpoint.requests) == 2 or run.done():
+            break
+        await asyncio.sleep(0.05)
+    assert not run.done(), "delivered by the end of the run, not by the wake-up"
+    assert endpoint.requests[1].headers["X-Relay-Sequence"] == "2"
+    await run
