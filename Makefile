@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -e '.[test,fast]'
+	$(BIN)/pip install -q -e '.[test,fast,postgres]'
 	touch $@
 
 setup: $(BIN)/.installed
