@@ -56,9 +56,16 @@ def without_password(url: str) -> str:
                        parts.fragment))
 
 
+def identity(target: str | Path) -> str:
+    """What tells two stores apart, with nothing secret in it: a file's resolved path, or a
+    URL without its password (the same store whatever its password is or becomes)."""
+    return without_password(target) if is_postgres_url(target) else str(Path(target).resolve())
+
+
 def describe(target: str | Path) -> str:
     """How to show a state target to a person: a path as is, a URL redacted."""
     return redact(target) if is_postgres_url(target) else str(target)
 
 
-__all__ = ["StateUnavailable", "describe", "is_postgres_url", "redact", "without_password"]
+__all__ = ["StateUnavailable", "describe", "identity", "is_postgres_url", "redact",
+           "without_password"]

@@ -129,21 +129,31 @@ class PostgresServer:
     # -- databases -------------------------------------------------------------------------
 
     def url(self, database: str = "postgres", *, tcp: bool = False, user: str | None = None,
-            password: str | None = None) -> str:
-        """A connection URL; by default over the unix socket in the server's folder."""
+            password: str | None = None, schema: str | None = None) -> str:
+        """A connection URL; by default over the unix socket in the server's folder.
+        ``schema``: the connection's search_path is that schema alone."""
         auth = user or self.superuser
         if password is not None:
             auth += f":{password}"
+        options = f"options=-csearch_path%3D{schema}" if schema else ""
         if tcp:
-            return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
-        return f"postgresql://{auth}@/{database}?host={self.folder}&port={self.port}"
+            return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}" + (
+                f"?{options}" if options else "")
+        return (f"postgresql://{auth}@/{database}?host={self.folder}&port={self.port}"
+                + (f"&{options}" if options else ""))
 
-    def execute(self, statement: str) -> None:
+    def execute(self, statement: str, database: str = "postgres") -> None:
         """One statement as the superuser, outside a transaction (CREATE DATABASE)."""
         import psycopg
 
-        with psycopg.connect(self.url(), autocommit=True) as conn:
+        with psycopg.connect(self.url(database), autocommit=True) as conn:
             conn.execute(statement)
+
+    def create_schema(self, database: str, name: str) -> str:
+        """A new, empty schema in ``database``; returns a URL whose search_path is it
+        (about 5 ms, against about 100 ms for a database copied from a template)."""
+        self.execute(f'CREATE SCHEMA "{name}"', database)
+        return self.url(database, schema=name)
 
     def create_database(self, name: str, template: str | None = None) -> str:
         """A new database (a copy of ``template`` when given); returns its URL."""
