@@ -253,3 +253,15 @@ def test_an_unreachable_state_is_one_line_naming_state(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: state: cannot open the PostgreSQL store")
     assert "Traceback" not in result.stderr and SECRET not in result.stderr + result.stdout
+
+
+def test_the_columnar_reader_gives_the_rows_the_cursor_gives(pg_url: str) -> None:
+    from state.postgres_store import READ_CHANGES
+    from tasks.diff import CHANGE_SCHEMA
+
+    store = open_store(pg_url)
+    store.append_changes([frag("p-1", name="x"), Fragment("p-2", now_ms()), frag("p,\"3\"")])
+    frame = store._frame(READ_CHANGES, (0, 10), schema=CHANGE_SCHEMA)
+    assert frame.rows() == store.read_changes(0, 10)
+    assert frame.get_column("attr_paths").to_list() == ["name", None, "a"]
+    store.close()
