@@ -4,7 +4,7 @@ Same verbs, same semantics and the same columns (epoch milliseconds) as ``Sqlite
 the contract suite (``tests/test_store_contract.py``) runs on both. What differs is how
 concurrency is made safe, since SQLite serializes every writer and PostgreSQL does not:
 
-- **Ingest is serialized** by a transaction-level advisory lock (``LOCK_INGEST``) taken
+- **Ingest is serialized** by a transaction-level advisory lock (the "ingest" lock) taken
   before the merge reads the profiles. Two things need it. A fragment merge is a
   read-modify-write of the profile document, and two ingests of one profile would lose one
   merge. And the change log's cursor semantics: a ``bigint`` identity hands out seqs when a
@@ -16,10 +16,10 @@ concurrency is made safe, since SQLite serializes every writer and PostgreSQL do
   path to the log would have to take the same lock. Ingest of one installation is one
   stream of batches anyway; COPY keeps the section under the lock short.
 - **Forget excludes the writers that add profile-keyed rows**: it takes the ingest lock
-  and ``LOCK_ERASE`` exclusively; queueing exports, recording outcomes and re-queueing
-  failures take ``LOCK_ERASE`` shared (they do not exclude each other). Without it an
+  and the "erase" lock exclusively; queueing exports, recording outcomes and re-queueing
+  failures take the "erase" lock shared (they do not exclude each other). Without it an
   export queued while a forget runs could outlive it.
-- **Schema migrations** run in one transaction under ``LOCK_MIGRATE``: two processes
+- **Schema migrations** run in one transaction under the "migrate" lock: two processes
   starting at once apply them once.
 - **The sender's lock** (``lock_sending``) is a session-level advisory lock on a
   connection of its own, held until released; it dies with the connection (a killed
@@ -53,6 +53,7 @@ embedded SQLite default does not need it.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -82,8 +83,10 @@ from state.model import (
     merge_identities,
 )
 from state.pg_schema import MIGRATIONS
-from state.stats import DataflowStats, _percentile
+from state.stats import DataflowStats
 from state.target import StateUnavailable, redact
+
+log = logging.getLogger("profile_relay")
 
 CONNECT_TIMEOUT_S = 10
 POOL_MAX = 8
@@ -92,16 +95,17 @@ FORGET_CHECK_MARGIN_MS = 60_000  # as the SQLite store: clocks of two hosts, and
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
               "keepalives_count": 3}
 
-# Advisory lock keys, (namespace, key) pairs of int4: 'RELA', 'RELB', 'RELC' in ASCII.
-LOCK_NS = 0x52454C41
-LOCK_MIGRATE, LOCK_INGEST, LOCK_ERASE = 1, 2, 3
-SEND_NS = 0x52454C42     # key: a hash of the dataflow's name
-DATAFLOW_NS = 0x52454C43  # key: a hash of the dataflow's name (sync_dataflow)
+# Advisory locks are (namespace, key) pairs of int4 ('RELA', 'RELB', 'RELC' in ASCII); the
+# key hashes the store's schema with what is locked, so two stores in two schemas of one
+# database (``options=-csearch_path%3D...``) do not lock each other out.
+LOCK_NS = 0x52454C41      # "migrate", "ingest", "erase": the store-wide locks
+SEND_NS = 0x52454C42      # a dataflow's sender (lock_sending)
+DATAFLOW_NS = 0x52454C43  # a dataflow's registration (sync_dataflow)
 
 
-def _key32(name: str) -> int:
+def _key32(*parts: str) -> int:
     """A stable signed int4 for an advisory lock key."""
-    return zlib.crc32(name.encode()) - 2**31
+    return zlib.crc32("\0".join(parts).encode()) - 2**31
 
 
 # -- SQL, in one place -------------------------------------------------------------------------
@@ -117,6 +121,7 @@ PROBE = ("SELECT set_config('enable_hashjoin', 'off', true), "
 XACT_LOCK = "SELECT pg_advisory_xact_lock(%s, %s)"
 XACT_LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared(%s, %s)"
 
+CURRENT_SCHEMA = "SELECT current_schema()"
 SCHEMA_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)"
 SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM schema_version"
 SCHEMA_RECORD = "INSERT INTO schema_version (version) VALUES (%s)"
@@ -397,6 +402,11 @@ change log's six columns, best of several runs:
 """
 
 
+def _rank(count: int, q: float) -> int | None:
+    """The index ``state.stats._percentile`` reads in a sorted list of ``count`` values."""
+    return None if not count else min(count - 1, max(0, round(q * (count - 1))))
+
+
 def _keys(profile_ids: Iterable[str]) -> dict[str, list[Any]]:
     """The (shard, profile_id) pairs of distinct ids, in shard order: the ``KEYS`` rows."""
     pairs = sorted({(shard_of(pid), pid) for pid in profile_ids})
@@ -441,6 +451,7 @@ class PostgresStore:
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                  **self._conn_kwargs) as conn:
+                self.schema = conn.execute(CURRENT_SCHEMA).fetchone()[0] or "public"
                 self._migrate(conn)
         except psycopg.Error as exc:
             raise StateUnavailable(self._unreachable(exc)) from None
@@ -466,12 +477,15 @@ class PostgresStore:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _migrate(conn: Any) -> int:
-        """Apply the migrations this database lacks, in one transaction under an advisory
+    def _lock(self, what: str) -> tuple[int, int]:
+        """The advisory lock of a store-wide ``what`` ("migrate", "ingest", "erase")."""
+        return (LOCK_NS, _key32(self.schema, what))
+
+    def _migrate(self, conn: Any) -> int:
+        """Apply the migrations this schema lacks, in one transaction under an advisory
         lock, so two processes starting at once apply each once."""
         with conn.transaction():
-            conn.execute(XACT_LOCK, (LOCK_NS, LOCK_MIGRATE))
+            conn.execute(XACT_LOCK, self._lock("migrate"))
             conn.execute(SCHEMA_VERSION_TABLE)
             current = conn.execute(SCHEMA_VERSION).fetchone()[0]
             for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
@@ -532,7 +546,7 @@ class PostgresStore:
             return 0
         keys = _keys(f.profile_id for f in fragments)
         with self._txn(probe=True) as cur:
-            cur.execute(XACT_LOCK, (LOCK_NS, LOCK_INGEST))
+            cur.execute(XACT_LOCK, self._lock("ingest"))
             existing = {pid: [orjson.loads(attrs), orjson.loads(idmap), created]
                         for pid, attrs, idmap, created in cur.execute(PROFILES_FOR_MERGE, keys)}
             committed = now_ms()
@@ -621,7 +635,7 @@ class PostgresStore:
                 return SyncResult(False, (), ())  # the usual case: reads only
         now = now_ms()
         with self._txn() as cur:
-            cur.execute(XACT_LOCK, (DATAFLOW_NS, _key32(name)))
+            cur.execute(XACT_LOCK, (DATAFLOW_NS, _key32(self.schema, name)))
             row = cur.execute(DATAFLOW_ROW, (name,)).fetchone()
             stored = {s for (s,) in cur.execute(DATAFLOW_SEGMENTS, (name,))}
             wanted = list(dict.fromkeys(segments))
@@ -712,7 +726,7 @@ class PostgresStore:
         waits on the first's row lock, then finds the cursor moved (CursorMoved)."""
         now = now_ms()
         with self._txn(probe=True) as cur:
-            cur.execute(XACT_LOCK_SHARED, (LOCK_NS, LOCK_ERASE))
+            cur.execute(XACT_LOCK_SHARED, self._lock("erase"))
             if cursor_to is not None:
                 cur.execute(MOVE_CURSOR, (cursor_to, dataflow, cursor_from))
                 if cur.rowcount != 1:
@@ -829,7 +843,7 @@ class PostgresStore:
                          p.seq, None, None, None, None, None, p.attempts, p.reason,
                          p.first_attempt_at, p.change_at))
         with self._txn(probe=True) as cur:
-            cur.execute(XACT_LOCK_SHARED, (LOCK_NS, LOCK_ERASE))
+            cur.execute(XACT_LOCK_SHARED, self._lock("erase"))
             self._stage(cur, "stage_outcomes", rows)
             cur.execute(CLOSE_EXPORTS, (dataflow,))
             if skipped:
@@ -849,7 +863,7 @@ class PostgresStore:
         """A session-level advisory lock on a dedicated connection (not a pooled one: the
         lock lives as long as the session). The server drops it when that connection
         ends, so a killed sender never leaves it held."""
-        key = (SEND_NS, _key32(dataflow))
+        key = (SEND_NS, _key32(self.schema, dataflow))
         conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                      **self._conn_kwargs)
         try:
@@ -880,7 +894,7 @@ class PostgresStore:
                 newest[entry.profile_id] = entry
         params = {**_keys(newest), "flow": dataflow}
         with self._txn(probe=True) as cur:
-            cur.execute(XACT_LOCK_SHARED, (LOCK_NS, LOCK_ERASE))
+            cur.execute(XACT_LOCK_SHARED, self._lock("erase"))
             state = dict(cur.execute(LAST_SEQS, params).fetchall())
             delivered = dict(cur.execute(DELIVERED_SEQS, params).fetchall())
             queued = {pid for (pid,) in cur.execute(QUEUED, params)}
@@ -936,9 +950,7 @@ class PostgresStore:
             oldest_unread = unread[0] if unread else None
             pending, retrying = cur.execute(STATS_OUTBOX, (dataflow,)).fetchone()
             delivered, first_at, last_at = cur.execute(STATS_DELIVERED, (dataflow, since)).fetchone()
-            ranks = list(range(delivered))
-            p50 = _percentile(ranks, 0.50)
-            p95 = _percentile(ranks, 0.95)
+            p50, p95 = _rank(delivered, 0.50), _rank(delivered, 0.95)
             latency = {rank: cur.execute(STATS_LATENCY_AT, (dataflow, since, rank)).fetchone()[0]
                        for rank in {p50, p95} if rank is not None}
             failures = dict(cur.execute(STATS_FAILURES, (dataflow,)).fetchall())
@@ -1004,8 +1016,8 @@ class PostgresStore:
         keys = _keys(profile_ids)
         result = Forgotten()
         with self._txn(probe=True) as cur:
-            cur.execute(XACT_LOCK, (LOCK_NS, LOCK_INGEST))
-            cur.execute(XACT_LOCK, (LOCK_NS, LOCK_ERASE))
+            cur.execute(XACT_LOCK, self._lock("ingest"))
+            cur.execute(XACT_LOCK, self._lock("erase"))
             for kind, table in FORGET_KINDS:
                 cur.execute(FORGET_ROWS.format(table=table), keys)
                 result.counts[kind] = cur.rowcount
@@ -1015,8 +1027,12 @@ class PostgresStore:
             cur.execute(STEP_BACK_BACKFILLS, (keys["ids"],))
         touched = sorted({table for kind, table in FORGET_KINDS if result.counts[kind]})
         if touched:
-            with self.pool.connection() as conn:  # autocommit: VACUUM runs outside a transaction
-                conn.execute(VACUUM.format(tables=", ".join(touched)))
+            try:
+                with self.pool.connection() as conn:  # autocommit: VACUUM runs outside a transaction
+                    conn.execute(VACUUM.format(tables=", ".join(touched)))
+            except self._psycopg.Error as exc:  # the forget has committed: say so, do not fail it
+                log.warning("forget committed, but VACUUM of %s failed: %s", ", ".join(touched),
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
         return result
 
     def close(self) -> None:
