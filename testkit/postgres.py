@@ -14,6 +14,7 @@ them (``make test`` and ``.ci/run`` do that when they are missing).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import os
@@ -92,6 +93,7 @@ class PostgresServer:
                 raise PostgresUnavailable(f"running as root, but the folder cannot be handed "
                                           f"to user {self.superuser!r}: {exc}") from None
             os.chmod(self.folder, 0o700)
+        atexit.register(self.stop)  # a script or test process that dies of an exception
         self._cmd("initdb", "-D", str(self.data), "-U", self.superuser, "--auth=trust",
                   "-E", "UTF8", "--locale=C", "--no-sync")
         problem = ""
@@ -114,11 +116,13 @@ class PostgresServer:
             return "(none)"
 
     def stop(self) -> None:
-        """Stop the server at once (its data is thrown away) and remove the folder."""
+        """Stop the server at once (its data is thrown away) and remove the folder; a
+        second call does nothing."""
         if self.port and (self.data / "postmaster.pid").exists():
             with contextlib.suppress(PostgresUnavailable):
                 self._cmd("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.folder, ignore_errors=True)
+        atexit.unregister(self.stop)
 
     def __enter__(self) -> PostgresServer:
         return self.start()
