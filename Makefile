@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup test test-slow test-ops test-browser browser-deps lint demo bench clean
+.PHONY: setup test test-slow test-ops test-browser browser-deps postgres-deps lint demo bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -e '.[test,fast]'
+	$(BIN)/pip install -q -e '.[test,fast,postgres]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -18,8 +18,14 @@ setup: $(BIN)/.installed
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup lint
+test: setup lint postgres-deps
 	$(BIN)/pytest
+
+# The PostgreSQL store's tests start a real server (initdb + pg_ctl, testkit/postgres.py):
+# install Debian's package where neither PATH nor /usr/lib/postgresql/*/bin has initdb.
+postgres-deps:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| { apt-get update -qq && apt-get install -y -qq postgresql; }
 
 test-slow: setup browser-deps
 	$(BIN)/pytest -m slow

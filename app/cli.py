@@ -12,6 +12,7 @@ from rich.console import Console
 
 import flows  # noqa: F401  (first: Prefect's offline and start-up settings)
 from config import Config, ConfigError, identity_warnings, load_config
+from state.target import StateUnavailable, describe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stream customer profiles to HTTP endpoints.")
@@ -82,7 +83,7 @@ def validate(config: ConfigOpt) -> None:
                 err.print(f"  {field}: {message}", markup=False)
             raise typer.Exit(2)
     out.print(f"{config}: valid ({len(cfg.segments)} segment(s), {len(cfg.destinations)} "
-              f"destination(s), {len(cfg.dataflows)} dataflow(s); state {cfg.state_path})",
+              f"destination(s), {len(cfg.dataflows)} dataflow(s); state {describe(cfg.state_target)})",
               markup=False)
 
 
@@ -100,7 +101,7 @@ def ingest(config: ConfigOpt,
         if path != "-" and not Path(path).is_file():
             err.print(f"error: {path}: no such file", markup=False)
             raise typer.Exit(2)
-    store = open_store(cfg.state_path)
+    store = open_store(cfg.state_target)
     total = sum(Path(p).stat().st_size for p in files if p != "-")
     shown = 0
 
@@ -184,7 +185,7 @@ def status(config: ConfigOpt,
     from state import open_store
 
     cfg = _config(config)
-    store = open_store(cfg.state_path)
+    store = open_store(cfg.state_target)
     names = [f.name for f in cfg.dataflows]
     removed = [f.name for f in store.stored_dataflows() if f.name not in names]
     stats = [store.stats(name) for name in names + removed]
@@ -242,7 +243,7 @@ def forget(config: ConfigOpt,
     if not ids:
         err.print("error: no profile ids: give them as arguments or with --file", markup=False)
         raise typer.Exit(2)
-    store = open_store(cfg.state_path)
+    store = open_store(cfg.state_target)
     try:
         done = forget_profiles(store, ids)
     except LifecycleError as exc:
@@ -282,7 +283,7 @@ def dataflows_drop(config: ConfigOpt,
     from tasks.lifecycle import LifecycleError, drop_dataflow
 
     cfg = _config(config)
-    store = open_store(cfg.state_path)
+    store = open_store(cfg.state_target)
     try:
         counts = drop_dataflow(store, cfg, name)
     except LifecycleError as exc:
@@ -499,7 +500,11 @@ def serve(config: ConfigOpt,
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except StateUnavailable as exc:  # one line naming state (no password), not a traceback
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -326,7 +326,7 @@ async def run_demo(directory: Path, echo: Callable[[str], None] = print) -> list
         config_path.write_text(CONFIG_TEMPLATE.format(port=receiver.port, signing_secret=secret),
                                encoding="utf-8")
         config = load_config(config_path)
-        store = open_store(config.state_path)
+        store = open_store(config.state_target)
         catalogue = frozenset(s.id for s in config.segments)
         echo(f"demo folder {directory}")
         echo(f"receiver on {receiver.base_url} (requests recorded in receiver.ndjson)")

@@ -21,12 +21,16 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from state.target import describe, is_postgres_url
 
 MAX_RATE_LIMIT = 10_000
 MAX_BATCH_PROFILES = 10_000
@@ -417,8 +421,35 @@ class Dataflow(_Model):
     attributes: list[AttributePath] = Field(default_factory=list)
 
 
+class StateUrl(str):
+    """A PostgreSQL URL for ``state``: its repr hides the password (the value is the URL)."""
+
+    def __repr__(self) -> str:
+        return repr(describe(str(self)))
+
+
+def _state(value: Any) -> Path | StateUrl:
+    """``state``: a SQLite file path, or a PostgreSQL URL, either possibly ``${ENV_VAR}``
+    (resolved here, at load time)."""
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("state must be a SQLite file path or a postgresql:// URL")
+    text = _resolve_secret(value.strip()).strip()
+    if is_postgres_url(text):
+        return StateUrl(text)
+    if "://" in text:
+        raise ValueError(f"state: {describe(text).split('://')[0]}:// is not a supported "
+                         "store; use a SQLite file path or a postgresql:// URL")
+    return Path(text)
+
+
+StateTarget = Annotated[Path | StateUrl, PlainValidator(_state),
+                        PlainSerializer(describe, return_type=str)]
+
+
 class Config(_Model):
-    state: Path = Path("relay.db")
+    state: StateTarget = Path("relay.db")
     # change log and delivery records are kept this long (once every dataflow read them)
     retention_days: int = Field(default=7, ge=1, le=3650)
     segments: list[Segment] = Field(default_factory=list)
@@ -441,7 +472,16 @@ class Config(_Model):
 
     @property
     def state_path(self) -> Path:
+        """The SQLite file of ``state``, relative to the config's folder."""
+        if not isinstance(self.state, Path):
+            raise ValueError("state is a PostgreSQL URL, not a file (use state_target)")
         return self.state if self.state.is_absolute() else self.base_dir / self.state
+
+    @property
+    def state_target(self) -> Path | str:
+        """What ``state.open_store`` opens: the SQLite file, or the PostgreSQL URL (show it
+        with ``state.target.describe``, which hides the password)."""
+        return self.state_path if isinstance(self.state, Path) else self.state
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:
@@ -555,7 +595,7 @@ def parse_config(data: Any, base_dir: Path = Path("."), source: str = "config") 
     except ValidationError as exc:
         problems = [(_loc_to_path(e["loc"]), _friendly(e)) for e in exc.errors(include_url=False)]
     problems += _cross_check(data)
-    if config is not None and config.state_path.is_dir():
+    if config is not None and isinstance(config.state, Path) and config.state_path.is_dir():
         problems.append(("state", f"{config.state_path} is a directory; state names the "
                                   "store's SQLite file (e.g. relay.db)"))
     if problems or config is None:

@@ -14,7 +14,7 @@ from prefect.states import Completed, Failed, State
 from rich.progress import Progress
 
 from config import load_config
-from state import open_store
+from state import StateUnavailable, open_store
 from tasks import pipeline
 from tasks.flow_tasks import backfill_task, dispatch
 from tasks.pipeline import PassResult
@@ -34,7 +34,10 @@ async def backfill_flow(config_path: str, dataflow: str, segment: str | None = N
         deliver: deliver what the backfill queued before the run ends.
     """
     config = load_config(config_path)
-    store = open_store(config.state_path)
+    try:
+        store = open_store(config.state_target)
+    except StateUnavailable as exc:  # one line naming state, not a traceback
+        return Failed(message=str(exc))
     flow_ = config.dataflow(dataflow)
     if segment is not None and segment not in flow_.segments:
         raise ValueError(f"segment {segment!r} is not mapped to dataflow {dataflow!r}; "

@@ -8,7 +8,7 @@ from prefect.artifacts import acreate_table_artifact
 from prefect.states import Completed, Failed, State
 
 from config import load_config
-from state import open_store
+from state import StateUnavailable, open_store
 from tasks.flow_tasks import dispatch, requeue_task
 from tasks.pipeline import PassResult
 from tasks.report import ExportsFailed, artifact_key, report_failures
@@ -23,7 +23,10 @@ async def replay_flow(config_path: str, dataflow: str) -> State:
         dataflow: the dataflow whose failed-request store is replayed.
     """
     config = load_config(config_path)
-    store = open_store(config.state_path)
+    try:
+        store = open_store(config.state_target)
+    except StateUnavailable as exc:  # one line naming state, not a traceback
+        return Failed(message=str(exc))
     flow_ = config.dataflow(dataflow)
     logger = get_run_logger()
     plan = requeue_task(store, flow_)

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, runtime
 from prefect.states import Completed, Failed, State
 
 from config import load_config
-from state import Store, open_store
+from state import StateUnavailable, Store, open_store
 from state.db import now_ms
 from state.leases import owner_id
 from tasks import lifecycle, pipeline
@@ -53,7 +53,10 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     """
     logger = get_run_logger()
     config = load_config(config_path)
-    store = open_store(config.state_path)
+    try:
+        store = open_store(config.state_target)
+    except StateUnavailable as exc:  # one line naming state, not a traceback
+        return Failed(message=str(exc))
     flows_ = config.select_dataflows(dataflow)
     owner = owner_id(str(runtime.flow_run.id or uuid.uuid4()))
     ttl_ms = int(max(30.0, 3 * interval) * 1000)

@@ -1,8 +1,9 @@
 """What a run tells the operator in Prefect: artifacts, WARNING lines and events.
 
-Artifact keys name the config (a short digest of its store's path) and the dataflow, so
-two configs with a dataflow of the same name never overwrite each other's entry on the
-Artifacts page, and each run's artifact lands on the same entry as the last one's."""
+Artifact keys name the config (a short digest of its store's path, or of its URL without
+the password) and the dataflow, so two configs with a dataflow of the same name never
+overwrite each other's entry on the Artifacts page, and each run's artifact lands on the
+same entry as the last one's."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from prefect.events import emit_event
 from config import Config, Dataflow
 from state import Store
 from state.db import now_ms
+from state.target import describe, identity
 from tasks.pipeline import PassResult
 
 EVENT_FAILURES = "profile-relay.dataflow.failures"
@@ -37,7 +39,7 @@ class ExportsFailed(Exception):
 
 def config_tag(config: Config) -> str:
     """Eight hex digits that tell configs apart: a digest of their store's location."""
-    return hashlib.sha256(str(config.state_path.resolve()).encode()).hexdigest()[:8]
+    return hashlib.sha256(identity(config.state_target).encode()).hexdigest()[:8]
 
 
 def artifact_key(kind: str, config: Config, dataflow: str) -> str:
@@ -82,7 +84,7 @@ async def publish_stream_summary(store: Store, config: Config, flows_: list[Data
         await acreate_table_artifact(
             key=artifact_key("stream", config, flow_.name),
             table=stream_figures(store, flow_, totals[flow_.name], started_ms),
-            description=f"profile-relay stream of {flow_.name} ({config.state_path}): "
+            description=f"profile-relay stream of {flow_.name} ({describe(config.state_target)}): "
                         "figures for this run")
 
 

@@ -480,7 +480,7 @@ def _ingest(config: Path, rate: float, seconds: float, profiles: int, every: flo
     from tasks.ingest import ingest_stream
 
     cfg = load_config(config)
-    db = open_store(cfg.state_path)
+    db = open_store(cfg.state_target)
     catalogue = frozenset(s.id for s in cfg.segments)
     rng = random.Random(seed)
     stopping = False

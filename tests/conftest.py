@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from testkit.servers import Endpoint, TokenServer
+
+if TYPE_CHECKING:
+    from testkit.postgres import PostgresServer
+
+PG_DATABASE = "relay_tests"
+_PG_SCHEMAS = itertools.count(1)
 
 
 @pytest.fixture
@@ -31,3 +39,31 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+# One real server per pytest process (each xdist worker is one: ``-n 2`` starts two servers,
+# about 1 s each), started on first use, with one database for the tests. Each test gets a
+# fresh schema of its own there (the URL's search_path), which the store migrates when it
+# opens: about 40 ms, against 100 to 170 ms for a database copied from a template. A
+# server that cannot start fails the PostgreSQL tests with the reason: they are never
+# skipped.
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    from testkit.postgres import PostgresServer
+
+    server = PostgresServer()
+    try:
+        server.start()
+        server.create_database(PG_DATABASE)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> str:
+    """The URL of a fresh, empty schema for this test (the store migrates it)."""
+    return pg_server.create_schema(PG_DATABASE, f"t{next(_PG_SCHEMAS)}")

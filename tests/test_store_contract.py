@@ -16,19 +16,21 @@ from state import CursorMoved, Store, open_store
 from state.db import now_ms
 from state.model import Attempt, Export, Fragment
 
-ENGINES = ["sqlite"]
+ENGINES = ["sqlite", "postgresql"]
 FLOW = "flow-1"
 
 
-def make_store(engine: str, tmp_path: Path) -> Store:
+def make_store(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
     if engine == "sqlite":
         return open_store(tmp_path / "relay.db")
+    if engine == "postgresql":  # a fresh database on the session's real server (conftest)
+        return open_store(request.getfixturevalue("pg_url"))
     raise AssertionError(engine)
 
 
 @pytest.fixture(params=ENGINES)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    st = make_store(request.param, tmp_path)
+    st = make_store(request.param, tmp_path, request)
     yield st
     st.close()
 
