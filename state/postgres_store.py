@@ -273,7 +273,8 @@ CLAIM_DUE = (
     "WHERE o.dataflow = %(flow)s AND {due} AND (%(tried)s::bigint IS NULL "
     "OR o.last_attempt_at IS NULL OR o.last_attempt_at < %(tried)s::bigint) "
     "ORDER BY o.seq LIMIT %(limit)s")
-CLAIM_FRESH = CLAIM_DUE.format(due="o.next_attempt_at = 0")
+CLAIM_FRESH = CLAIM_DUE.format(
+    due="o.next_attempt_at = 0 AND (%(after)s::bigint IS NULL OR o.seq > %(after)s)")
 CLAIM_RETRIES = CLAIM_DUE.format(due="o.next_attempt_at > 0 AND o.next_attempt_at <= %(now)s")
 PENDING_COUNT = "SELECT count(*) FROM outbox WHERE dataflow = %s"
 NEXT_DUE = "SELECT min(next_attempt_at) FROM outbox WHERE dataflow = %s"
@@ -809,12 +810,13 @@ class PostgresStore:
     # -- the outbox ------------------------------------------------------------------------------
 
     def claim_due(self, dataflow: str, now: int, limit: int,
-                  tried_before: int | None = None) -> list[Pending]:
+                  tried_before: int | None = None, after_seq: int | None = None) -> list[Pending]:
         """Never-tried exports and due retries, each read in seq order up to ``limit`` on
         the due index, merged by seq (as the SQLite store)."""
         if now < 0:
             return []
-        params = {"flow": dataflow, "now": now, "limit": limit, "tried": tried_before}
+        params = {"flow": dataflow, "now": now, "limit": limit, "tried": tried_before,
+                  "after": after_seq}
         with self._txn() as cur:
             fresh = cur.execute(CLAIM_FRESH, params).fetchall()
             retries = cur.execute(CLAIM_RETRIES, params).fetchall()

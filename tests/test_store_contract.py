@@ -150,6 +150,9 @@ def test_claim_due_in_seq_order_within_limit_and_schedule(store: Store) -> None:
     # one try per drain: an export attempted since ``tried_before`` is left alone
     assert "p-1" not in [p.profile_id for p in store.claim_due(FLOW, later, 10,
                                                                tried_before=p1.first_attempt_at)]
+    # the next chunk of a drain: exports never tried only after the last one claimed, and
+    # retries whenever due
+    assert [p.profile_id for p in store.claim_due(FLOW, later, 10, after_seq=2)] == ["p-1", "p-3"]
 
 
 def test_record_outcomes(store: Store) -> None:
