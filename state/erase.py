@@ -42,6 +42,7 @@ DROP_KINDS = (
     ("delivery records", "deliveries", "dataflow"),
     ("skip counts", "skipped_exports", "dataflow"),
     ("leases", "leases", "dataflow"),
+    ("circuit breaker", "breakers", "dataflow"),
 )
 
 

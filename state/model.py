@@ -72,11 +72,15 @@ class Pending(NamedTuple):
     attempts: int
     first_attempt_at: int | None
     delivered_seq: int = 0  # the newest state of this profile the dataflow has delivered
+    redelivery: int = 0  # redeliveries from the failed store so far (0: never failed for good)
+    first_failed_at: int | None = None  # when this export first failed for good
 
 
 class Attempt(NamedTuple):
     """The outcome of sending one pending export once. ``sent_seq`` and ``key`` identify
-    the state that was sent (the profile's state at send time)."""
+    the state that was sent (the profile's state at send time). ``next_attempt_at``: when
+    it is tried again, its retry or, once it failed for good, its redelivery from the
+    failed store (0: never by itself)."""
 
     item: Pending
     sent_seq: int
@@ -89,14 +93,47 @@ class Attempt(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class FailedEntry:
+    """An export in the failed-request store (the state it carried when it failed)."""
+
     id: int
     profile_id: str
     seq: int
     idempotency_key: str
     reason: str
-    attempts: int
+    attempts: int               # of its last round of attempts
     last_status: int | None
     last_error: str | None
+    redeliveries: int = 0       # automatic redeliveries before this failure
+    first_failed_at: int | None = None  # when the export first failed for good (epoch ms)
+    last_failed_at: int | None = None   # when it failed for good this time
+    next_redelivery_at: int | None = None  # None: it waits for a replay by hand
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """One entry of a profile's delivery history to a dataflow."""
+
+    at: int                     # epoch ms
+    seq: int                    # the change whose state was sent
+    outcome: str                # delivered | failed
+    status: int | None
+    attempts: int
+    idempotency_key: str
+    error: str | None = None
+
+
+@dataclass
+class BreakerState:
+    """A dataflow's circuit breaker, as stored: exports failed for good in a row, and
+    whether (since when) delivery is paused and when the next probe is due."""
+
+    failures_in_row: int = 0
+    paused_at: int | None = None
+    next_probe_at: int | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
 
 
 @dataclass(frozen=True, slots=True)

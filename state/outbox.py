@@ -11,7 +11,14 @@ import orjson
 import sqlite_utils
 
 from state.db import now_ms, shard_of, write_txn
-from state.model import SKIP_DELIVERED, Attempt, FailedEntry, Pending
+from state.model import (
+    SKIP_DELIVERED,
+    Attempt,
+    BreakerState,
+    DeliveryRecord,
+    FailedEntry,
+    Pending,
+)
 
 
 def due(db: sqlite_utils.Database, dataflow: str, now: int, limit: int,
@@ -38,8 +45,8 @@ def due(db: sqlite_utils.Database, dataflow: str, now: int, limit: int,
         extra += [shards[1], shards[0]]
     columns = ("SELECT profile_id, seq, reason, change_at, attempts, first_attempt_at, "
                "coalesce((SELECT delivered_seq FROM dataflow_profiles d WHERE d.dataflow = "
-               "outbox.dataflow AND d.profile_id = outbox.profile_id), 0) "
-               "FROM outbox WHERE dataflow = ? ")
+               "outbox.dataflow AND d.profile_id = outbox.profile_id), 0), "
+               "redelivery, first_failed_at FROM outbox WHERE dataflow = ? ")
     conn = db.conn
     after = "" if after_seq is None else f" AND seq > {int(after_seq)}"
     fresh = conn.execute(f"{columns}AND next_attempt_at = 0{after}{where} ORDER BY seq LIMIT ?",
@@ -97,17 +104,68 @@ def record(db: sqlite_utils.Database, dataflow: str, delivered: Sequence[Attempt
               a.item.seq) for a in retrying])
         conn.executemany(
             "INSERT INTO failed_requests (dataflow, profile_id, shard, seq, idempotency_key, reason, "
-            "attempts, last_status, last_error, first_attempt_at, last_attempt_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "attempts, last_status, last_error, first_attempt_at, last_attempt_at, redelivery, "
+            "first_failed_at, next_redelivery_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(dataflow, a.item.profile_id, shard_of(a.item.profile_id), a.sent_seq, a.key,
               a.item.reason, a.item.attempts + 1, a.status, a.error,
-              a.item.first_attempt_at or a.at, a.at) for a in failed])
+              a.item.first_attempt_at or a.at, a.at, a.item.redelivery,
+              a.item.first_failed_at or a.at, a.next_attempt_at or None) for a in failed])
 
 
-def open_failures(db: sqlite_utils.Database, dataflow: str) -> list[FailedEntry]:
+_FAILED_COLUMNS = ("SELECT id, profile_id, seq, idempotency_key, reason, attempts, last_status, "
+                   "last_error, redelivery, first_failed_at, last_attempt_at, next_redelivery_at "
+                   "FROM failed_requests ")
+
+
+def open_failures(db: sqlite_utils.Database, dataflow: str, since: int | None = None,
+                  profiles: Sequence[str] | None = None) -> list[FailedEntry]:
+    """The failed store, oldest first; ``since``: entries that failed at or after it
+    (epoch ms); ``profiles``: only these profiles'."""
+    where, args = "WHERE dataflow = ? AND state = 'failed'", [dataflow]
+    if since is not None:
+        where += " AND last_attempt_at >= ?"
+        args.append(since)
+    if profiles is not None:
+        where += " AND profile_id IN (SELECT value FROM json_each(?))"
+        args.append(orjson.dumps(list(profiles)).decode())
     return [FailedEntry(*row) for row in db.conn.execute(
-        "SELECT id, profile_id, seq, idempotency_key, reason, attempts, last_status, last_error "
-        "FROM failed_requests WHERE dataflow = ? AND state = 'failed' ORDER BY id", (dataflow,))]
+        f"{_FAILED_COLUMNS}{where} ORDER BY id", args)]
+
+
+def due_redeliveries(db: sqlite_utils.Database, dataflow: str, now: int,
+                     limit: int) -> list[FailedEntry]:
+    """Failed-store entries whose automatic redelivery is due, oldest due first."""
+    return [FailedEntry(*row) for row in db.conn.execute(
+        f"{_FAILED_COLUMNS}WHERE dataflow = ? AND state = 'failed' AND next_redelivery_at "
+        "IS NOT NULL AND next_redelivery_at <= ? ORDER BY next_redelivery_at LIMIT ?",
+        (dataflow, now, limit))]
+
+
+def delivery_history(db: sqlite_utils.Database, dataflow: str, profile_id: str,
+                     limit: int) -> list[DeliveryRecord]:
+    """One profile's deliveries and failures for good, newest first."""
+    rows = db.conn.execute(
+        "SELECT * FROM (SELECT delivered_at, seq, 'delivered', status, attempts, "
+        "idempotency_key, NULL FROM deliveries WHERE dataflow = ?1 AND profile_id = ?2 "
+        "UNION ALL SELECT last_attempt_at, seq, 'failed', last_status, attempts, "
+        "idempotency_key, last_error FROM failed_requests WHERE dataflow = ?1 "
+        "AND profile_id = ?2) ORDER BY 1 DESC LIMIT ?3", (dataflow, profile_id, limit))
+    return [DeliveryRecord(*row) for row in rows]
+
+
+def breaker(db: sqlite_utils.Database, dataflow: str) -> BreakerState:
+    row = db.conn.execute("SELECT failures_in_row, paused_at, next_probe_at FROM breakers "
+                          "WHERE dataflow = ?", (dataflow,)).fetchone()
+    return BreakerState(*row) if row else BreakerState()
+
+
+def save_breaker(db: sqlite_utils.Database, dataflow: str, state: BreakerState) -> None:
+    with write_txn(db) as conn:
+        conn.execute("INSERT INTO breakers VALUES (?, ?, ?, ?) ON CONFLICT (dataflow) DO UPDATE "
+                     "SET failures_in_row = excluded.failures_in_row, paused_at = "
+                     "excluded.paused_at, next_probe_at = excluded.next_probe_at",
+                     (dataflow, state.failures_in_row, state.paused_at, state.next_probe_at))
 
 
 def prune_deliveries(db: sqlite_utils.Database, older_than_ms: int,
@@ -143,14 +201,16 @@ def skipped_counts(db: sqlite_utils.Database, dataflow: str) -> dict[str, int]:
         (dataflow,)).fetchall())
 
 
-def requeue(db: sqlite_utils.Database, dataflow: str,
-            entries: Sequence[FailedEntry]) -> tuple[list[FailedEntry], list[FailedEntry]]:
+def requeue(db: sqlite_utils.Database, dataflow: str, entries: Sequence[FailedEntry],
+            redelivery: bool = False) -> tuple[list[FailedEntry], list[FailedEntry]]:
     """Replay bookkeeping in one transaction: each profile's newest failed entry goes back
     to the outbox as a reference (sent with the profile's state at send time), and every
     other entry closes as superseded. An entry is superseded too when its profile is gone,
     when an export of it already waits in the outbox (that one sends the current state), or
     when the state the profile is in now was delivered already. All of this is read inside
-    the transaction, so a stream run that delivered meanwhile is seen. Returns (re-queued,
+    the transaction, so a stream run that delivered meanwhile is seen. ``redelivery``: an
+    automatic redelivery (the export keeps its count of redeliveries and when it first
+    failed), else a replay by hand (the schedule starts again). Returns (re-queued,
     superseded)."""
     now = now_ms()
     newest: dict[str, FailedEntry] = {}
@@ -174,12 +234,16 @@ def requeue(db: sqlite_utils.Database, dataflow: str,
         kept = {e.id for e in keep}
         superseded = [e for e in entries if e.id not in kept]
         conn.executemany(
-            "INSERT INTO outbox (dataflow, profile_id, shard, seq, reason, change_at, enqueued_at) "
-            "VALUES (?, ?, ?, ?, 'replay', ?, ?) ON CONFLICT (dataflow, profile_id) DO NOTHING",
-            [(dataflow, e.profile_id, shard_of(e.profile_id), state[e.profile_id], now, now)
-             for e in keep])
+            "INSERT INTO outbox (dataflow, profile_id, shard, seq, reason, change_at, enqueued_at, "
+            "redelivery, first_failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (dataflow, profile_id) DO NOTHING",
+            [(dataflow, e.profile_id, shard_of(e.profile_id), state[e.profile_id],
+              "redelivery" if redelivery else "replay", now, now,
+              e.redeliveries + 1 if redelivery else 0,
+              e.first_failed_at if redelivery else None) for e in keep])
+        done = "redelivered" if redelivery else "requeued"
         conn.executemany("UPDATE failed_requests SET state = ?, resolved_at = ? WHERE id = ?",
-                         [("requeued", now, e.id) for e in keep]
+                         [(done, now, e.id) for e in keep]
                          + [("superseded", now, e.id) for e in superseded])
     return keep, superseded
 

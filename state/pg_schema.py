@@ -164,4 +164,22 @@ MIGRATIONS: list[str] = [
         value bigint NOT NULL
     )
     """,
+    # 2: as SQLite's migration 6: redelivery of the failed store, circuit breakers, a
+    # profile's history by profile
+    """
+    ALTER TABLE outbox ADD COLUMN redelivery integer NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN first_failed_at bigint;
+    ALTER TABLE failed_requests ADD COLUMN redelivery integer NOT NULL DEFAULT 0;
+    ALTER TABLE failed_requests ADD COLUMN first_failed_at bigint;
+    ALTER TABLE failed_requests ADD COLUMN next_redelivery_at bigint;
+    UPDATE failed_requests SET first_failed_at = last_attempt_at;
+    CREATE INDEX failed_redelivery_due ON failed_requests (dataflow, next_redelivery_at)
+        WHERE state = 'failed' AND next_redelivery_at IS NOT NULL;
+    CREATE TABLE breakers (
+        dataflow text COLLATE "C" PRIMARY KEY,
+        failures_in_row integer NOT NULL,
+        paused_at bigint,
+        next_probe_at bigint
+    )
+    """,
 ]

@@ -69,7 +69,9 @@ from state.model import (
     SKIP_DELIVERED,
     Attempt,
     Backfill,
+    BreakerState,
     CursorMoved,
+    DeliveryRecord,
     Export,
     FailedEntry,
     Forgotten,
@@ -148,7 +150,8 @@ STAGES: dict[str, tuple[tuple[str, str], ...]] = {
                        ("key", "text"), ("status", "int4"), ("error", "text"),
                        ("at", "int8"), ("next_attempt_at", "int8"), ("attempts", "int4"),
                        ("reason", "text"), ("first_attempt_at", "int8"),
-                       ("change_at", "int8")),
+                       ("change_at", "int8"), ("redelivery", "int4"),
+                       ("first_failed_at", "int8")),
 }
 
 PROFILES_FOR_MERGE = (
@@ -268,7 +271,8 @@ FINISH_BACKFILL = "UPDATE backfills SET finished_at = %s WHERE id = %s"
 
 CLAIM_DUE = (
     "SELECT o.profile_id, o.seq, o.reason, o.change_at, o.attempts, o.first_attempt_at, "
-    "coalesce(d.delivered_seq, 0) FROM outbox o LEFT JOIN dataflow_profiles d "
+    "coalesce(d.delivered_seq, 0), o.redelivery, o.first_failed_at "
+    "FROM outbox o LEFT JOIN dataflow_profiles d "
     "ON d.dataflow = o.dataflow AND d.shard = o.shard AND d.profile_id = o.profile_id "
     "WHERE o.dataflow = %(flow)s AND {due} AND (%(tried)s::bigint IS NULL "
     "OR o.last_attempt_at IS NULL OR o.last_attempt_at < %(tried)s::bigint) "
@@ -304,17 +308,37 @@ RESCHEDULE = (
     "AND o.profile_id = s.profile_id AND o.seq = s.item_seq")
 STORE_FAILED = (
     "INSERT INTO failed_requests (dataflow, profile_id, shard, seq, idempotency_key, reason, "
-    "attempts, last_status, last_error, first_attempt_at, last_attempt_at) "
+    "attempts, last_status, last_error, first_attempt_at, last_attempt_at, redelivery, "
+    "first_failed_at, next_redelivery_at) "
     "SELECT %s, profile_id, shard, sent_seq, key, reason, attempts + 1, status, error, "
-    "coalesce(first_attempt_at, at), at FROM stage_outcomes WHERE kind = 'failed' ORDER BY ord")
+    "coalesce(first_attempt_at, at), at, redelivery, coalesce(first_failed_at, at), "
+    "nullif(next_attempt_at, 0) FROM stage_outcomes WHERE kind = 'failed' ORDER BY ord")
 SKIPPED_COUNTS = ("SELECT reason, count FROM skipped_exports WHERE dataflow = %s "
                   "ORDER BY reason")
 TRY_SEND_LOCK = "SELECT pg_try_advisory_lock(%s, %s)"
 SEND_UNLOCK = "SELECT pg_advisory_unlock(%s, %s)"
 
+FAILED_COLUMNS = (
+    "SELECT id, profile_id, seq, idempotency_key, reason, attempts, last_status, last_error, "
+    "redelivery, first_failed_at, last_attempt_at, next_redelivery_at FROM failed_requests ")
 OPEN_FAILURES = (
-    "SELECT id, profile_id, seq, idempotency_key, reason, attempts, last_status, last_error "
-    "FROM failed_requests WHERE dataflow = %s AND state = 'failed' ORDER BY id")
+    FAILED_COLUMNS + "WHERE dataflow = %(flow)s AND state = 'failed' "
+    "AND (%(since)s::bigint IS NULL OR last_attempt_at >= %(since)s) "
+    "AND (%(pids)s::text[] IS NULL OR profile_id = ANY(%(pids)s::text[])) ORDER BY id")
+DUE_REDELIVERIES = (
+    FAILED_COLUMNS + "WHERE dataflow = %s AND state = 'failed' AND next_redelivery_at IS NOT "
+    "NULL AND next_redelivery_at <= %s ORDER BY next_redelivery_at LIMIT %s")
+HISTORY = (
+    "SELECT * FROM (SELECT delivered_at, seq, 'delivered', status, attempts, idempotency_key, "
+    "NULL::text FROM deliveries WHERE shard = %(shard)s AND profile_id = %(pid)s AND dataflow = "
+    "%(flow)s UNION ALL SELECT last_attempt_at, seq, 'failed', last_status, attempts, "
+    "idempotency_key, last_error FROM failed_requests WHERE shard = %(shard)s "
+    "AND profile_id = %(pid)s AND dataflow = %(flow)s) h ORDER BY 1 DESC LIMIT %(limit)s")
+BREAKER = "SELECT failures_in_row, paused_at, next_probe_at FROM breakers WHERE dataflow = %s"
+SAVE_BREAKER = (
+    "INSERT INTO breakers VALUES (%s, %s, %s, %s) ON CONFLICT (dataflow) DO UPDATE SET "
+    "failures_in_row = excluded.failures_in_row, paused_at = excluded.paused_at, "
+    "next_probe_at = excluded.next_probe_at")
 LAST_SEQS = (
     "SELECT p.profile_id, p.last_seq FROM " + KEYS +
     " JOIN profiles p ON p.shard = k.shard AND p.profile_id = k.profile_id")
@@ -326,9 +350,11 @@ QUEUED = (
     "SELECT o.profile_id FROM " + KEYS +
     " JOIN outbox o ON o.dataflow = %(flow)s AND o.shard = k.shard AND o.profile_id = k.profile_id")
 REQUEUE = (
-    "INSERT INTO outbox (dataflow, profile_id, shard, seq, reason, change_at, enqueued_at) "
-    "SELECT %s, r.profile_id, r.shard, r.seq, 'replay', %s, %s "
-    "FROM unnest(%s::text[], %s::smallint[], %s::bigint[]) AS r(profile_id, shard, seq) "
+    "INSERT INTO outbox (dataflow, profile_id, shard, seq, reason, change_at, enqueued_at, "
+    "redelivery, first_failed_at) "
+    "SELECT %s, r.profile_id, r.shard, r.seq, %s, %s, %s, r.redelivery, r.first_failed_at "
+    "FROM unnest(%s::text[], %s::smallint[], %s::bigint[], %s::int[], %s::bigint[]) "
+    "AS r(profile_id, shard, seq, redelivery, first_failed_at) "
     "ON CONFLICT (dataflow, shard, profile_id) DO NOTHING")
 RESOLVE_FAILURES = (
     "UPDATE failed_requests f SET state = r.state, resolved_at = %s "
@@ -845,11 +871,12 @@ class PostgresStore:
                 p = a.item
                 rows.append((len(rows), kind, p.profile_id, shard_of(p.profile_id), p.seq,
                              a.sent_seq, a.key, a.status, a.error, a.at, a.next_attempt_at,
-                             p.attempts, p.reason, p.first_attempt_at, p.change_at))
+                             p.attempts, p.reason, p.first_attempt_at, p.change_at,
+                             p.redelivery, p.first_failed_at))
         for p in skipped:
             rows.append((len(rows), "skipped", p.profile_id, shard_of(p.profile_id), p.seq,
                          p.seq, None, None, None, None, None, p.attempts, p.reason,
-                         p.first_attempt_at, p.change_at))
+                         p.first_attempt_at, p.change_at, p.redelivery, p.first_failed_at))
         with self._txn(probe=True) as cur:
             cur.execute(XACT_LOCK_SHARED, self._lock("erase"))
             self._stage(cur, "stage_outcomes", rows)
@@ -886,10 +913,33 @@ class PostgresStore:
 
     # -- the failed-request store ---------------------------------------------------------------
 
-    def open_failures(self, dataflow: str) -> list[FailedEntry]:
-        return [FailedEntry(*row) for row in self._rows(OPEN_FAILURES, (dataflow,))]
+    def open_failures(self, dataflow: str, since: int | None = None,
+                      profiles: Sequence[str] | None = None) -> list[FailedEntry]:
+        params = {"flow": dataflow, "since": since,
+                  "pids": None if profiles is None else list(profiles)}
+        return [FailedEntry(*row) for row in self._rows(OPEN_FAILURES, params)]
 
-    def requeue_failures(self, dataflow: str, entries: Sequence[FailedEntry]
+    def due_redeliveries(self, dataflow: str, now: int, limit: int) -> list[FailedEntry]:
+        return [FailedEntry(*row) for row in self._rows(DUE_REDELIVERIES,
+                                                        (dataflow, now, limit))]
+
+    def delivery_history(self, dataflow: str, profile_id: str,
+                         limit: int = 100) -> list[DeliveryRecord]:
+        params = {"flow": dataflow, "pid": profile_id, "shard": shard_of(profile_id),
+                  "limit": limit}
+        return [DeliveryRecord(*row) for row in self._rows(HISTORY, params)]
+
+    def breaker(self, dataflow: str) -> BreakerState:
+        rows = self._rows(BREAKER, (dataflow,))
+        return BreakerState(*rows[0]) if rows else BreakerState()
+
+    def save_breaker(self, dataflow: str, state: BreakerState) -> None:
+        with self._txn() as cur:
+            cur.execute(SAVE_BREAKER, (dataflow, state.failures_in_row, state.paused_at,
+                                       state.next_probe_at))
+
+    def requeue_failures(self, dataflow: str, entries: Sequence[FailedEntry],
+                         redelivery: bool = False
                          ) -> tuple[list[FailedEntry], list[FailedEntry]]:
         """As the SQLite store: each profile's newest entry back to the outbox unless its
         profile is gone, already queued, or its current state delivered; all read inside
@@ -911,11 +961,15 @@ class PostgresStore:
             kept = {e.id for e in keep}
             superseded = [e for e in entries if e.id not in kept]
             if keep:
-                cur.execute(REQUEUE, (dataflow, now, now, [e.profile_id for e in keep],
-                                      [shard_of(e.profile_id) for e in keep],
-                                      [state[e.profile_id] for e in keep]))
-            resolved = [("requeued", e.id) for e in keep] + [("superseded", e.id)
-                                                             for e in superseded]
+                cur.execute(REQUEUE, (
+                    dataflow, "redelivery" if redelivery else "replay", now, now,
+                    [e.profile_id for e in keep], [shard_of(e.profile_id) for e in keep],
+                    [state[e.profile_id] for e in keep],
+                    [e.redeliveries + 1 if redelivery else 0 for e in keep],
+                    [e.first_failed_at if redelivery else None for e in keep]))
+            done = "redelivered" if redelivery else "requeued"
+            resolved = [(done, e.id) for e in keep] + [("superseded", e.id)
+                                                       for e in superseded]
             if resolved:
                 cur.execute(RESOLVE_FAILURES, (now, [i for _, i in resolved],
                                                [s for s, _ in resolved]))

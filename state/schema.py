@@ -232,4 +232,27 @@ MIGRATIONS: list[str] = [
         SELECT 'deletes_zeroed', NOT EXISTS (SELECT 1 FROM sqlite_sequence);
     CREATE TABLE free_page_scrub (zeros BLOB)
     """,
+    # 6: endpoints in the wild. The failed store redelivers by itself on a schedule: an
+    # entry knows how many redeliveries came before it, when the export first failed for
+    # good and when it is due again; a queued export carries its redelivery count. Each
+    # dataflow has a circuit breaker. A profile's history reads the delivery log and the
+    # failed store by profile.
+    """
+    ALTER TABLE outbox ADD COLUMN redelivery INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN first_failed_at INTEGER;
+    ALTER TABLE failed_requests ADD COLUMN redelivery INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE failed_requests ADD COLUMN first_failed_at INTEGER;
+    ALTER TABLE failed_requests ADD COLUMN next_redelivery_at INTEGER;
+    UPDATE failed_requests SET first_failed_at = last_attempt_at;
+    CREATE INDEX failed_by_profile ON failed_requests (dataflow, profile_id);
+    CREATE INDEX failed_redelivery_due ON failed_requests (dataflow, next_redelivery_at)
+        WHERE state = 'failed' AND next_redelivery_at IS NOT NULL;
+    CREATE INDEX deliveries_by_profile ON deliveries (dataflow, profile_id);
+    CREATE TABLE breakers (
+        dataflow TEXT PRIMARY KEY,
+        failures_in_row INTEGER NOT NULL,
+        paused_at INTEGER,
+        next_probe_at INTEGER
+    ) WITHOUT ROWID
+    """,
 ]

@@ -14,6 +14,8 @@ from state.model import (
     SKIP_DELIVERED,
     Attempt,
     Backfill,
+    BreakerState,
+    DeliveryRecord,
     Export,
     FailedEntry,
     Forgotten,
@@ -159,12 +161,28 @@ class SqliteStore:
         return outbox.try_lock_sending(self.db, dataflow)
 
     # the failed-request store
-    def open_failures(self, dataflow: str) -> list[FailedEntry]:
-        return outbox.open_failures(self.db, dataflow)
+    def open_failures(self, dataflow: str, since: int | None = None,
+                      profiles: Sequence[str] | None = None) -> list[FailedEntry]:
+        return outbox.open_failures(self.db, dataflow, since, profiles)
 
-    def requeue_failures(self, dataflow: str, entries: Sequence[FailedEntry]
+    def due_redeliveries(self, dataflow: str, now: int, limit: int) -> list[FailedEntry]:
+        return outbox.due_redeliveries(self.db, dataflow, now, limit)
+
+    def requeue_failures(self, dataflow: str, entries: Sequence[FailedEntry],
+                         redelivery: bool = False
                          ) -> tuple[list[FailedEntry], list[FailedEntry]]:
-        return outbox.requeue(self.db, dataflow, entries)
+        return outbox.requeue(self.db, dataflow, entries, redelivery)
+
+    def delivery_history(self, dataflow: str, profile_id: str,
+                         limit: int = 100) -> list[DeliveryRecord]:
+        return outbox.delivery_history(self.db, dataflow, profile_id, limit)
+
+    # the circuit breaker
+    def breaker(self, dataflow: str) -> BreakerState:
+        return outbox.breaker(self.db, dataflow)
+
+    def save_breaker(self, dataflow: str, state: BreakerState) -> None:
+        outbox.save_breaker(self.db, dataflow, state)
 
     # leases
     def acquire_lease(self, dataflow: str, group: int, owner: str, ttl_ms: int) -> int | None:

@@ -14,7 +14,9 @@ from state.model import (
     SKIP_DELIVERED,
     Attempt,
     Backfill,
+    BreakerState,
     CursorMoved,
+    DeliveryRecord,
     Export,
     FailedEntry,
     Forgotten,
@@ -114,9 +116,25 @@ class Store(Protocol):
         one sender at a time keeps each profile's deliveries in order."""
 
     # -- the failed-request store --------------------------------------------------------------
-    def open_failures(self, dataflow: str) -> list[FailedEntry]: ...
-    def requeue_failures(self, dataflow: str, entries: Sequence[FailedEntry]
-                         ) -> tuple[list[FailedEntry], list[FailedEntry]]: ...
+    def open_failures(self, dataflow: str, since: int | None = None,
+                      profiles: Sequence[str] | None = None) -> list[FailedEntry]:
+        """The failed store, oldest first; ``since``: only entries that failed at or after
+        it (epoch ms); ``profiles``: only these profiles' entries."""
+    def due_redeliveries(self, dataflow: str, now: int, limit: int) -> list[FailedEntry]:
+        """Entries whose automatic redelivery (``next_redelivery_at``) is due at ``now``."""
+    def requeue_failures(self, dataflow: str, entries: Sequence[FailedEntry],
+                         redelivery: bool = False
+                         ) -> tuple[list[FailedEntry], list[FailedEntry]]:
+        """Back into the outbox, each profile once, sent with its state at send time;
+        (re-queued, superseded). ``redelivery``: an automatic redelivery, which keeps the
+        export's count of redeliveries and the time it first failed; else a replay."""
+    def delivery_history(self, dataflow: str, profile_id: str,
+                         limit: int = 100) -> list[DeliveryRecord]:
+        """A profile's deliveries and failures for good to the dataflow, newest first."""
+
+    # -- the circuit breaker -----------------------------------------------------------------------
+    def breaker(self, dataflow: str) -> BreakerState: ...
+    def save_breaker(self, dataflow: str, state: BreakerState) -> None: ...
 
     # -- leases ------------------------------------------------------------------------------
     def acquire_lease(self, dataflow: str, group: int, owner: str, ttl_ms: int) -> int | None: ...

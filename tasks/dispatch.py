@@ -27,11 +27,12 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+from destinations.breaker import Breaker
 from destinations.outcome import Outcome
 from destinations.ratelimit import TokenBucket
-from destinations.retry import RetryPolicy
+from destinations.retry import RetryPolicy, Verdict
 from destinations.sender import Sender
 from state import Store
 from state.db import now_ms
@@ -166,6 +167,8 @@ class DeliverySummary:
     failed: int = 0
     last_error: str | None = None
     busy: bool = False  # another process was sending this dataflow
+    paused: bool = False  # the circuit breaker holds delivery (at the end of the drain)
+    breaker: list[str] = field(default_factory=list)  # "paused", "resumed", in order
 
     def add(self, other: DeliverySummary) -> None:
         self.sent += other.sent
@@ -174,6 +177,8 @@ class DeliverySummary:
         self.failed += other.failed
         self.last_error = other.last_error or self.last_error
         self.busy = self.busy or other.busy
+        self.paused = other.paused
+        self.breaker += other.breaker
 
     def as_dict(self) -> dict[str, int | str | bool | None]:
         return asdict(self)
@@ -188,8 +193,9 @@ class _Chunk:
     last_fresh_seq: int | None  # the newest never-tried export claimed; the next starts after
 
 
-def _claim_chunk(store: Store, dataflow: str, spec: BodySpec, limit: int, tried_before: int,
-                 after_seq: int | None, busy: set[str]) -> _Chunk | None:
+def _claim_chunk(store: Store, dataflow: str, spec: BodySpec, limit: int,
+                 tried_before: int | None, after_seq: int | None, busy: set[str],
+                 now: int | None = None) -> _Chunk | None:
     """Claim the next exports due and load their profiles; runs on the writer thread, so
     the loop keeps sending meanwhile. Exports of ``busy`` profiles (in a chunk still being
     sent) are left to a later pass: one request per profile at a time keeps deliveries in
@@ -197,9 +203,10 @@ def _claim_chunk(store: Store, dataflow: str, spec: BodySpec, limit: int, tried_
 
     Closed without a request, counted per reason (``tasks.lifecycle.unsent_reason``): a
     streamed state already delivered (a backfill is sent regardless: it was asked for), a
-    profile with neither identities nor mapped attributes, a profile forgotten meanwhile."""
-    claimed = store.claim_due(dataflow, now_ms(), limit, tried_before=tried_before,
-                              after_seq=after_seq)
+    profile with neither identities nor mapped attributes, a profile forgotten meanwhile.
+    ``now``: claim as if it were then (a probe takes the oldest export, due or not)."""
+    claimed = store.claim_due(dataflow, now_ms() if now is None else now, limit,
+                              tried_before=tried_before, after_seq=after_seq)
     if not claimed:
         return None
     last_fresh = max((i.seq for i in claimed if i.attempts == 0), default=after_seq)
@@ -304,19 +311,32 @@ class _Recorder:
 
 async def send_chunk(spec: BodySpec, policy: RetryPolicy, sender: Sender, bucket: TokenBucket,
                      recorder: _Recorder, max_in_flight: int, chunk: _Chunk,
-                     handed_out: asyncio.Event) -> None:
+                     handed_out: asyncio.Event, breaker: Breaker | None = None) -> None:
     """Send each export of the chunk once, handing the outcomes to ``recorder``; returns
     once they are committed. ``handed_out`` is set once every export was taken by a
     sender, so the next chunk can be claimed while this one's last requests are in flight
-    (its profiles are left out of that claim until this returns)."""
+    (its profiles are left out of that claim until this returns). With a ``breaker``,
+    every verdict goes through it, and once it pauses delivery no further export of the
+    chunk is sent (they stay queued); a probe is a chunk of one sent while paused."""
     items, profiles = chunk.items, chunk.profiles
+    probing = breaker is not None and breaker.paused
+
+    def judge(outcome: Outcome, item: Pending, at: int) -> tuple[Verdict, int]:
+        verdict, next_at = policy.judge(outcome, item.attempts, at, item.redelivery)
+        if breaker is not None:
+            return breaker.observe(verdict, next_at, at)
+        return verdict, next_at
+
+    def halted() -> bool:
+        """The breaker tripped during this chunk: leave the rest queued."""
+        return breaker is not None and not probing and breaker.paused
     slots = recorder.slots
     recorder.summary.sent += len(items)
 
     def judged(item: Pending, profile: StoredProfile, outcome: Outcome,
                key: str) -> tuple[str, Attempt]:
         at = now_ms()
-        verdict, next_at = policy.judge(outcome, item.attempts, at)
+        verdict, next_at = judge(outcome, item, at)
         return verdict, Attempt(item, profile.last_seq, key, outcome.status, outcome.error, at,
                                 next_at)
 
@@ -324,7 +344,7 @@ async def send_chunk(spec: BodySpec, policy: RetryPolicy, sender: Sender, bucket
 
     async def worker() -> None:
         """One export per request."""
-        while queue:
+        while queue and not halted():
             item = queue.popleft()
             if not queue:
                 handed_out.set()
@@ -345,7 +365,7 @@ async def send_chunk(spec: BodySpec, policy: RetryPolicy, sender: Sender, bucket
     async def batch_worker() -> None:
         """One batch per request."""
         assert batches is not None
-        while batches:
+        while batches and not halted():
             await slots.acquire()
             with paused_gc():
                 members, parts, done = batches.take()
@@ -358,7 +378,7 @@ async def send_chunk(spec: BodySpec, policy: RetryPolicy, sender: Sender, bucket
                 await bucket.acquire()
                 outcome = await sender.send(body, key, {BATCH_SIZE_HEADER: str(len(members))})
                 at = _batch_clock()
-                verdict, next_at = policy.judge(outcome, members[0][0].attempts, at)
+                verdict, next_at = judge(outcome, members[0][0], at)
                 with paused_gc():
                     done += [(verdict, Attempt(item, profile.last_seq, key, outcome.status,
                                                outcome.error, at, next_at))
@@ -376,23 +396,57 @@ async def send_chunk(spec: BodySpec, policy: RetryPolicy, sender: Sender, bucket
     await recorder.flushed()
 
 
+PROBE_CLAIMS = 10  # a probe looks this far for an export that is really sent
+_ANY_TIME = 2**62  # a probe's claim: the oldest export, whenever it is due
+
+
 async def drain(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy,
-                sender: Sender, bucket: TokenBucket, max_in_flight: int) -> DeliverySummary:
+                sender: Sender, bucket: TokenBucket, max_in_flight: int,
+                breaker: Breaker | None = None) -> DeliverySummary:
     """Send everything due, chunk after chunk, each export at most once per drain. The
     next chunk is claimed and loaded (on the writer thread) as soon as every export of the
     last one was taken by a sender, and sent while the last one's requests finish, so the
-    senders never wait for the store between chunks."""
+    senders never wait for the store between chunks.
+
+    With a ``breaker`` (``destinations.breaker``): while it holds delivery paused, a drain
+    sends nothing but, once ``probe_seconds`` have passed, one probe (the oldest export);
+    its success resumes delivery and the drain goes on. A breaker that trips mid-drain
+    stops it; its state is saved in the store at the end."""
     loop = asyncio.get_running_loop()
     started = now_ms()
+    if breaker is not None and breaker.paused and not breaker.probe_due(started):
+        return DeliverySummary(paused=True)
     limit = round_size(spec, max_in_flight)
     recorder = _Recorder(store, dataflow, max_in_flight)
     running: dict[asyncio.Task[None], set[str]] = {}
     after_seq: int | None = None
 
+    def start(chunk: _Chunk) -> tuple[asyncio.Task[None], asyncio.Event]:
+        handed_out = asyncio.Event()
+        task = asyncio.create_task(send_chunk(spec, policy, sender, bucket, recorder,
+                                              max_in_flight, chunk, handed_out, breaker))
+        running[task] = set(chunk.profiles)
+        task.add_done_callback(running.pop)
+        return task, handed_out
+
+    async def probe() -> None:
+        for _ in range(PROBE_CLAIMS):  # the first claimed may be closed unsent
+            chunk = await loop.run_in_executor(_WRITER, _claim_chunk, store, dataflow, spec,
+                                               1, None, None, set(), _ANY_TIME)
+            if chunk is None:
+                return
+            if chunk.items:
+                task, _ = start(chunk)
+                await task
+                return
+
     async def feed() -> None:
         nonlocal after_seq
         try:
-            while True:  # ends: each export is claimed at most once per drain (tried_before)
+            if breaker is not None and breaker.paused:
+                await probe()
+            while breaker is None or not breaker.paused:
+                # ends: each export is claimed at most once per drain (tried_before)
                 busy = set().union(*running.values())
                 chunk = await loop.run_in_executor(_WRITER, _claim_chunk, store, dataflow,
                                                    spec, limit, started, after_seq, busy)
@@ -401,11 +455,7 @@ async def drain(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy
                 after_seq = chunk.last_fresh_seq
                 if not chunk.items:
                     continue
-                handed_out = asyncio.Event()
-                task = asyncio.create_task(send_chunk(spec, policy, sender, bucket, recorder,
-                                                      max_in_flight, chunk, handed_out))
-                running[task] = set(chunk.profiles)
-                task.add_done_callback(running.pop)
+                task, handed_out = start(chunk)
                 waiter = asyncio.ensure_future(handed_out.wait())
                 await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
@@ -419,4 +469,9 @@ async def drain(store: Store, dataflow: str, spec: BodySpec, policy: RetryPolicy
     async with asyncio.TaskGroup() as tasks:  # a failing commit cancels the senders
         tasks.create_task(recorder.run())
         tasks.create_task(feed())
-    return recorder.summary
+    summary = recorder.summary
+    if breaker is not None:
+        summary.paused, summary.breaker = breaker.paused, list(breaker.changes)
+        if breaker.dirty:
+            await loop.run_in_executor(_WRITER, store.save_breaker, dataflow, breaker.state)
+    return summary

@@ -24,6 +24,7 @@ from state import Store
 from state.model import Backfill
 from tasks import pipeline
 from tasks.pipeline import PassResult
+from tasks.report import report_breaker
 
 SENDER_WAIT_SECONDS = 60.0  # a settling run waits this long for another sender to finish
 
@@ -61,7 +62,8 @@ async def dispatch_task(store: Store, config: Config, dataflow: str, call: PassR
         lock_wait=SENDER_WAIT_SECONDS if settle else 0.0,
         fill_wait=not settle and not is_retry, logger=get_run_logger())
     call.add(result)
-    if result.delivery.retrying:
+    report_breaker(get_run_logger(), config, flow, result)
+    if result.delivery.retrying and not result.delivery.paused:  # paused: the probes go on
         raise RetryableDelivery(result.delivery.retrying, result.delivery.last_error)
     if call.delivery.failed:
         raise DeliveryFailed(dataflow, call.delivery.failed, call.delivery.last_error)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from config import Config, Dataflow
+from destinations.breaker import Breaker
 from destinations.ratelimit import TokenBucket, rate_limit_for
 from destinations.retry import RetryPolicy
 from destinations.sender import Sender
@@ -37,6 +38,7 @@ LOCK_POLL_SECONDS = 0.05
 FILL_POLL_SECONDS = 0.05  # while a stream pass waits to fill a batch (batch.max_wait_ms)
 WAKE_POLL_SECONDS = 0.05  # while a stream waits between passes, how often it looks for changes
 MIN_PASS_GAP_SECONDS = 0.2  # new changes start a pass at once, but passes start no closer
+REDELIVERIES_PER_PASS = 10_000
 
 log = logging.getLogger("profile_relay")
 
@@ -46,18 +48,21 @@ class PassResult:
     changes: int = 0
     exports: int = 0
     backfilled: int = 0
+    redelivered: int = 0  # from the failed store, on the destination's schedule
     delivery: DeliverySummary = field(default_factory=DeliverySummary)
 
     def add(self, other: PassResult) -> None:
         self.changes += other.changes
         self.exports += other.exports
         self.backfilled += other.backfilled
+        self.redelivered += other.redelivered
         self.delivery.add(other.delivery)
 
     def counts(self) -> dict[str, int]:
         d = self.delivery
         return {"changes": self.changes, "exports": self.exports, "backfilled": self.backfilled,
-                "delivered": d.delivered, "retrying": d.retrying, "failed": d.failed}
+                "redelivered": self.redelivered, "delivered": d.delivered,
+                "retrying": d.retrying, "failed": d.failed}
 
 
 @dataclass(frozen=True)
@@ -234,11 +239,31 @@ def decide_pass(store: Store, config: Config, flow: Dataflow, result: PassResult
                     batch.exports, batch.cursor)
 
 
-def replay(store: Store, flow: Dataflow) -> ReplayPlan:
-    """Put the failed store back in the outbox: each profile once, sent with its state at
-    send time (so never an older state after a newer one); see ``Store.requeue_failures``."""
-    resent, superseded = store.requeue_failures(flow.name, store.open_failures(flow.name))
+def replay(store: Store, flow: Dataflow, since: int | None = None,
+           profiles: Sequence[str] | None = None) -> ReplayPlan:
+    """Put the failed store back in the outbox (or its entries failed since ``since``, or
+    those of ``profiles``): each profile once, sent with its state at send time (so never
+    an older state after a newer one); see ``Store.requeue_failures``."""
+    entries = store.open_failures(flow.name, since=since, profiles=profiles)
+    resent, superseded = store.requeue_failures(flow.name, entries)
     return ReplayPlan(resent, superseded)
+
+
+def redeliver(store: Store, flow: Dataflow, now: int | None = None,
+              logger: logging.Logger | logging.LoggerAdapter = log) -> int:
+    """Put the failed-store entries whose redelivery is due back in the outbox (the
+    destination's ``redeliver_after`` schedule), as a replay would; returns how many.
+    Never while the dataflow's delivery is paused: they wait for it to resume."""
+    if store.breaker(flow.name).paused:
+        return 0
+    due = store.due_redeliveries(flow.name, now_ms() if now is None else now,
+                                 REDELIVERIES_PER_PASS)
+    if not due:
+        return 0
+    resent, superseded = store.requeue_failures(flow.name, due, redelivery=True)
+    logger.info("%s: redelivering %d export(s) from the failed store (%d superseded by a "
+                "newer state)", flow.name, len(resent), len(superseded))
+    return len(resent)
 
 
 # -- delivering ----------------------------------------------------------------------------------
@@ -265,8 +290,12 @@ def has_work(store: Store, flow: Dataflow) -> bool:
         return True
     if behind or store.open_backfills(flow.name):
         return True
+    now = now_ms()
+    breaker = store.breaker(flow.name)
+    if breaker.paused:  # only a probe can be due
+        return (breaker.next_probe_at or 0) <= now and store.next_due(flow.name) is not None
     due = store.next_due(flow.name)
-    return due is not None and due <= now_ms()
+    return (due is not None and due <= now) or bool(store.due_redeliveries(flow.name, now, 1))
 
 
 async def deliver(store: Store, config: Config, flow: Dataflow, *, wait_due: bool = False,
@@ -290,9 +319,11 @@ async def deliver(store: Store, config: Config, flow: Dataflow, *, wait_due: boo
         return DeliverySummary(busy=True)
     try:
         spec = body_spec(store, config, flow)
+        breaker = Breaker.for_destination(store.breaker(flow.name), dest)
         async with Sender(dest) as sender:
             bucket = TokenBucket(rate_limit_for(flow.name, dest))
-            return await drain(store, flow.name, spec, policy, sender, bucket, dest.max_in_flight)
+            return await drain(store, flow.name, spec, policy, sender, bucket, dest.max_in_flight,
+                               breaker)
     finally:
         lock.release()
 
@@ -334,6 +365,7 @@ async def run_pass(store: Store, config: Config, flow: Dataflow, *, wait_due: bo
     streaming pass): first wait up to ``batch.max_wait_ms`` to fill a batch."""
     result = PassResult()
     decide_pass(store, config, flow, result, logger)
+    result.redelivered = redeliver(store, flow, logger=logger)
     if fill_wait:
         await fill_batch(store, config, flow, result, logger)
     result.delivery = await deliver(store, config, flow, wait_due=wait_due, lock_wait=lock_wait)
@@ -355,5 +387,5 @@ async def run_until_settled(store: Store, config: Config, flow: Dataflow,
         result = await run_pass(store, config, flow, wait_due=True, lock_wait=lock_wait,
                                 logger=logger)
         total.add(result)
-        if settled(store, flow) or result.delivery.busy:
+        if settled(store, flow) or result.delivery.busy or result.delivery.paused:
             return total

@@ -23,6 +23,8 @@ from state.target import describe, identity
 from tasks.pipeline import PassResult
 
 EVENT_FAILURES = "profile-relay.dataflow.failures"
+EVENT_PAUSED = "profile-relay.dataflow.paused"
+EVENT_RESUMED = "profile-relay.dataflow.resumed"
 
 
 class ExportsFailed(Exception):
@@ -88,6 +90,31 @@ async def publish_stream_summary(store: Store, config: Config, flows_: list[Data
                         "figures for this run")
 
 
+def _resource(config: Config, dataflow: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"profile-relay.dataflow.{dataflow}",
+            "prefect.resource.name": dataflow, "profile-relay.config": config_tag(config)}
+
+
+def report_breaker(logger: logging.Logger | logging.LoggerAdapter, config: Config,
+                   flow: Dataflow, run: PassResult) -> None:
+    """A WARNING and a Prefect event for each pause and resume of a dataflow's delivery
+    (its circuit breaker) in this pass, so an automation can alert on them."""
+    dest = config.destination(flow.destination)
+    for change in run.delivery.breaker:
+        if change == "paused":
+            logger.warning("%s: delivery paused: %d export(s) in a row failed for good (last "
+                           "error: %s); new exports stay queued, a probe every %g s resumes "
+                           "delivery on its first success", flow.name, dest.pause_after_failures,
+                           run.delivery.last_error, dest.probe_seconds)
+            emit_event(event=EVENT_PAUSED, resource=_resource(config, flow.name),
+                       payload={"after_failures": dest.pause_after_failures,
+                                "last_error": run.delivery.last_error,
+                                "probe_seconds": dest.probe_seconds})
+        else:
+            logger.warning("%s: delivery resumed: a probe was delivered", flow.name)
+            emit_event(event=EVENT_RESUMED, resource=_resource(config, flow.name), payload={})
+
+
 def report_failures(logger: logging.Logger | logging.LoggerAdapter, config: Config,
                     totals: dict[str, PassResult]) -> str | None:
     """A WARNING and a Prefect event per dataflow that sent exports to the failed store in
@@ -97,10 +124,7 @@ def report_failures(logger: logging.Logger | logging.LoggerAdapter, config: Conf
         logger.warning("%s: %d export(s) ended in the failed store in this run; last error: "
                        "%s (profile-relay failed / replay)", name, t.delivery.failed,
                        t.delivery.last_error)
-        emit_event(event=EVENT_FAILURES,
-                   resource={"prefect.resource.id": f"profile-relay.dataflow.{name}",
-                             "prefect.resource.name": name,
-                             "profile-relay.config": config_tag(config)},
+        emit_event(event=EVENT_FAILURES, resource=_resource(config, name),
                    payload={"failed": t.delivery.failed, "last_error": t.delivery.last_error})
     if not failed:
         return None

@@ -71,8 +71,8 @@ async def test_stream_once_backfills_streams_and_reports(tmp_path, endpoint):
     assert stats.latency_p95_ms is not None and stats.latency_p95_ms >= stats.latency_p50_ms
     # an empty poll makes no export and sends nothing
     totals = await stream_flow(config_path, once=True)
-    assert totals[FLOW] == {"changes": 0, "exports": 0, "backfilled": 0, "delivered": 0,
-                            "retrying": 0, "failed": 0}
+    assert totals[FLOW] == {"changes": 0, "exports": 0, "backfilled": 0, "redelivered": 0,
+                            "delivered": 0, "retrying": 0, "failed": 0}
     assert len(endpoint.requests) == 2
 
 
