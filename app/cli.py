@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -163,14 +165,126 @@ def backfill(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="data
     _finish(_run(backfill_flow(str(config.resolve()), dataflow, segment, return_state=True)))
 
 
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now_s: float | None = None) -> int:
+    """``--since``: an ISO 8601 time (``2026-12-03T10:00:00Z``; no zone: UTC) or an age
+    (``90s``, ``15m``, ``2h``, ``1d``); epoch milliseconds."""
+    from datetime import UTC, datetime
+
+    text = text.strip()
+    if m := _DURATION.match(text):
+        now = time.time() if now_s is None else now_s
+        return int((now - float(m.group(1)) * _UNIT_SECONDS[m.group(2)]) * 1000)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is neither an ISO 8601 time (2026-12-03T10:00:00Z)"
+                                 " nor an age such as 90s, 15m, 2h or 1d") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _iso(ms: int | None) -> str:
+    """Epoch ms as ISO 8601 UTC to the second; "-" for none."""
+    from datetime import UTC, datetime
+
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
 @app.command()
-def replay(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="dataflow name")]) -> None:
-    """Replay the failed-request store of a dataflow."""
+def replay(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="dataflow name")],
+           since: Annotated[str | None, typer.Option(
+               help="only entries that failed since then: an ISO 8601 time or an age "
+                    "(90s, 15m, 2h, 1d)")] = None,
+           profile: Annotated[list[str] | None, typer.Option(
+               help="only this profile's entry (repeat for several)")] = None) -> None:
+    """Replay the failed-request store of a dataflow (or part of it), each profile with
+    its current state."""
     cfg = _config(config)
     _known_dataflow(cfg, dataflow)
+    since_ms = parse_since(since) if since is not None else None
     from flows.replay import replay_flow
 
-    _finish(_run(replay_flow(str(config.resolve()), dataflow, return_state=True)))
+    _finish(_run(replay_flow(str(config.resolve()), dataflow, since_ms, profile or None,
+                             return_state=True)))
+
+
+@app.command()
+def failed(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="dataflow name")],
+           as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+           ) -> None:
+    """List the failed-request store of a dataflow: profile, status, error, attempts,
+    first and last failure, next automatic redelivery."""
+    from rich.table import Table
+
+    from state import open_store
+
+    cfg = _config(config)
+    store = open_store(cfg.state_target)
+    try:
+        entries = store.open_failures(dataflow)
+    finally:
+        store.close()
+    rows = [{"profile": e.profile_id, "seq": e.seq, "status": e.last_status,
+             "error": e.last_error, "attempts": e.attempts, "redeliveries": e.redeliveries,
+             "first_failure": _iso(e.first_failed_at), "last_failure": _iso(e.last_failed_at),
+             "next_redelivery": _iso(e.next_redelivery_at) if e.next_redelivery_at
+             else "replay by hand", "idempotency_key": e.idempotency_key} for e in entries]
+    if as_json:
+        out.print_json(data={"dataflow": dataflow, "failed": rows})
+        return
+    table = Table(title=f"failed-request store of {dataflow}: {len(rows)} entr"
+                        f"{'y' if len(rows) == 1 else 'ies'}")
+    for col in ("profile", "status", "error", "attempts", "redeliveries", "first failure",
+                "last failure", "next redelivery"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["profile"], str(r["status"] or "-"), (r["error"] or "")[:80],
+                      str(r["attempts"]), str(r["redeliveries"]), r["first_failure"],
+                      r["last_failure"], r["next_redelivery"])
+    out.print(table)
+
+
+@app.command()
+def deliveries(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="dataflow name")],
+               profile: Annotated[str, typer.Option(help="the profile id")],
+               as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+               limit: Annotated[int, typer.Option(min=1, help="at most this many, newest "
+                                                            "first")] = 100) -> None:
+    """One profile's delivery history to a dataflow: when, which state (seq), the answer,
+    attempts, newest first (within the delivery log's retention_days)."""
+    from rich.table import Table
+
+    from state import open_store
+
+    cfg = _config(config)
+    store = open_store(cfg.state_target)
+    try:
+        history = store.delivery_history(dataflow, profile, limit)
+    finally:
+        store.close()
+    rows = [{"at": _iso(h.at), "seq": h.seq, "outcome": h.outcome, "status": h.status,
+             "attempts": h.attempts, "idempotency_key": h.idempotency_key, "error": h.error}
+            for h in history]
+    if as_json:
+        out.print_json(data={"dataflow": dataflow, "profile": profile, "deliveries": rows})
+        return
+    table = Table(title=f"deliveries of {profile} to {dataflow} (newest first)")
+    for col in ("at", "seq", "outcome", "status", "attempts", "idempotency key", "error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["at"], str(r["seq"]), r["outcome"], str(r["status"] or "-"),
+                      str(r["attempts"]), r["idempotency_key"], (r["error"] or "")[:60])
+    out.print(table)
+    if not rows:
+        out.print(f"no delivery of {profile} to {dataflow} on record", markup=False)
 
 
 @app.command()
@@ -189,24 +303,37 @@ def status(config: ConfigOpt,
     names = [f.name for f in cfg.dataflows]
     removed = [f.name for f in store.stored_dataflows() if f.name not in names]
     stats = [store.stats(name) for name in names + removed]
+    breakers = {s.dataflow: store.breaker(s.dataflow) for s in stats}
     states = {s.dataflow: "removed" if s.dataflow in removed else
               "active" if s.known else "not started" for s in stats}
     if as_json:
-        out.print_json(data={"dataflows": [{**s.as_dict(), "state": states[s.dataflow]}
-                                           for s in stats]})
+        out.print_json(data={"dataflows": [{
+            **s.as_dict(), "state": states[s.dataflow],
+            "delivery": "paused" if breakers[s.dataflow].paused else "running",
+            "paused_since": breakers[s.dataflow].paused_at,
+            "next_probe_at": breakers[s.dataflow].next_probe_at,
+            "failed_in_a_row": breakers[s.dataflow].failures_in_row} for s in stats]})
         return
     table = Table(title="profile-relay status (deliveries and latency: last hour)")
-    for col in ("dataflow", "lag", "pending", "retrying", "delivered", "failed", "skipped",
-                "p50 ms", "p95 ms", "last error"):
+    for col in ("dataflow", "delivery", "lag", "pending", "retrying", "delivered", "failed",
+                "skipped", "p50 ms", "p95 ms", "last error"):
         table.add_column(col)
     for s in stats:
         state = states[s.dataflow]
+        breaker = breakers[s.dataflow]
         table.add_row(s.dataflow + ("" if state == "active" else f" ({state})"),
+                      f"paused since {_iso(breaker.paused_at)}" if breaker.paused else "running",
                       f"{s.lag_changes} / {s.lag_seconds:.1f}s", str(s.pending), str(s.retrying),
                       str(s.delivered), str(s.failed), str(sum(s.skipped.values())),
                       str(s.latency_p50_ms or "-"), str(s.latency_p95_ms or "-"),
                       (s.last_error or "")[:60])
     out.print(table)
+    for s in stats:
+        breaker = breakers[s.dataflow]
+        if breaker.paused:
+            out.print(f"{s.dataflow}: delivery paused since {_iso(breaker.paused_at)} (exports "
+                      f"failed in a row); next probe at {_iso(breaker.next_probe_at)}; new exports "
+                      "stay queued", markup=False)
     for s in stats:
         if s.skipped:
             out.print(f"{s.dataflow}: skipped (closed without a request): " + ", ".join(

@@ -52,7 +52,8 @@ class Breaker:
         if state.paused:  # a probe, or a request in flight when the breaker tripped
             state.next_probe_at = now + self.probe_ms
             self.dirty = True
-            return "retrying", max(next_at, state.next_probe_at)
+            # kept queued, due as soon as delivery resumes (only probes go out till then)
+            return "retrying", next_at if verdict == "retrying" else now
         if verdict == "failed":
             state.failures_in_row += 1
             self.dirty = True

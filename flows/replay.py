@@ -15,12 +15,16 @@ from tasks.report import ExportsFailed, artifact_key, report_failures
 
 
 @flow(name="profile-relay-replay", flow_run_name="replay {dataflow}", timeout_seconds=3600)
-async def replay_flow(config_path: str, dataflow: str) -> State:
+async def replay_flow(config_path: str, dataflow: str, since_ms: int | None = None,
+                      profiles: list[str] | None = None) -> State:
     """Re-send each failed profile with its current state, unless superseded.
 
     Args:
         config_path: the profile-relay YAML config.
         dataflow: the dataflow whose failed-request store is replayed.
+        since_ms: only the entries that failed at or after this time (epoch milliseconds);
+            empty for all of them.
+        profiles: only these profiles' entries; empty for every profile.
     """
     config = load_config(config_path)
     try:
@@ -29,7 +33,7 @@ async def replay_flow(config_path: str, dataflow: str) -> State:
         return Failed(message=str(exc))
     flow_ = config.dataflow(dataflow)
     logger = get_run_logger()
-    plan = requeue_task(store, flow_)
+    plan = requeue_task(store, flow_, since_ms, profiles or None)
     logger.info("%s: replaying %d, superseded %d", dataflow, len(plan.resent),
                 len(plan.superseded))
     totals = PassResult()

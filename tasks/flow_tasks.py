@@ -86,7 +86,8 @@ async def dispatch(store: Store, config: Config, flow: Dataflow, totals: PassRes
         except DeliveryFailed:
             pass  # counted in ``totals``; the flow run ends Failed with the figures
         totals.add(call)
-        if not settle or pipeline.settled(store, flow) or call.delivery.busy:
+        if (not settle or pipeline.settled(store, flow) or call.delivery.busy
+                or call.delivery.paused):  # paused: exports wait for a probe
             return
 
 
@@ -99,5 +100,6 @@ async def backfill_task(store: Store, flow: Dataflow, job: Backfill,
 
 
 @task(name="requeue-failures", cache_policy=NO_CACHE, task_run_name="requeue {flow.name}")
-def requeue_task(store: Store, flow: Dataflow) -> pipeline.ReplayPlan:
-    return pipeline.replay(store, flow)
+def requeue_task(store: Store, flow: Dataflow, since_ms: int | None = None,
+                 profiles: list[str] | None = None) -> pipeline.ReplayPlan:
+    return pipeline.replay(store, flow, since_ms, profiles)

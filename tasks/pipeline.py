@@ -306,7 +306,8 @@ async def deliver(store: Store, config: Config, flow: Dataflow, *, wait_due: boo
     then leave the outbox to it (``busy``)."""
     dest = config.destination(flow.destination)
     policy = RetryPolicy.for_destination(dest)
-    if wait_due:
+    # paused: the next probe is probe_seconds away, and the drain knows when
+    if wait_due and not store.breaker(flow.name).paused:
         due = store.next_due(flow.name)
         if due is not None and due > now_ms():
             await asyncio.sleep((due - now_ms()) / 1000)
