@@ -47,6 +47,7 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     # Checkpoints run inside COMMIT; at the default 1,000 pages they came every few rounds
     # of the dispatcher and doubled the cost of recording outcomes (bench/dispatch.py).
     conn.execute("PRAGMA wal_autocheckpoint = 10000")
+    conn.create_function("relay_shard", 1, shard_of, deterministic=True)
     db = sqlite_utils.Database(conn)
     migrate(db)
     return db
@@ -80,7 +81,21 @@ def migrate(db: sqlite_utils.Database) -> int:
         row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
         current = row[0] or 0
         for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-            for statement in filter(str.strip, script.split(";")):
+            for statement in statements(script):
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
     return len(MIGRATIONS)
+
+
+def statements(script: str) -> Iterator[str]:
+    """The statements of a migration script, split at the semicolons that end one (not those
+    inside a trigger's body or a string)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending = f"{pending};{piece}" if pending else piece
+        if sqlite3.complete_statement(pending + ";"):
+            if pending.strip():
+                yield pending
+            pending = ""
+    if pending.strip():
+        yield pending
