@@ -300,7 +300,7 @@ def qualified_after(db: sqlite_utils.Database, segments: Sequence[str], after: s
 # storage order and a sort; a bigger one walks the profiles in key order, which reads every
 # profile once over the whole backfill but at random places (about 10x slower per profile
 # than the pass), so a segment with few members no longer costs a walk of the whole store.
-SCAN_CHUNKS = 8
+SCAN_CHUNKS = 4
 
 
 def queue_backfill(db: sqlite_utils.Database, dataflow: str, job: int,
