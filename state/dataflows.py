@@ -167,7 +167,7 @@ def memberships(db: sqlite_utils.Database, profile_ids: Sequence[str],
                 segments: Sequence[str]) -> list[tuple[str, str, str]]:
     """(profile, segment, status) of these profiles in these segments."""
     return db.conn.execute(
-        "SELECT p.profile_id, j.key, j.value ->> 0 FROM profiles p, json_each(p.segments) j "
+        "SELECT p.profile_id, j.key, j.value ->> 0 FROM profiles p, json_each(CAST(p.segments AS TEXT)) j "
         "WHERE p.profile_id IN (SELECT value FROM json_each(?)) "
         "AND j.key IN (SELECT value FROM json_each(?))",
         (orjson.dumps(list(profile_ids)).decode(), orjson.dumps(list(segments)).decode()),

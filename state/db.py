@@ -35,6 +35,15 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                            check_same_thread=False)
+    configure(conn)
+    db = sqlite_utils.Database(conn)
+    migrate(db)
+    return db
+
+
+def configure(conn: sqlite3.Connection) -> None:
+    """The pragmas and functions of every connection to a store (also used by the
+    benchmarks' bare-SQL baselines, so both sides run with the same settings)."""
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -48,9 +57,6 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     # of the dispatcher and doubled the cost of recording outcomes (bench/dispatch.py).
     conn.execute("PRAGMA wal_autocheckpoint = 10000")
     conn.create_function("relay_shard", 1, shard_of, deterministic=True)
-    db = sqlite_utils.Database(conn)
-    migrate(db)
-    return db
 
 
 @contextmanager

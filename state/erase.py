@@ -56,7 +56,7 @@ def forget(db: sqlite_utils.Database, profile_ids: Sequence[str]) -> Forgotten:
     try:
         with write_txn(db) as txn:
             memberships = txn.execute(
-                "SELECT count(*) FROM profiles p, json_each(p.segments) "
+                "SELECT count(*) FROM profiles p, json_each(CAST(p.segments AS TEXT)) "
                 "WHERE p.profile_id IN (SELECT value FROM json_each(?))", (ids,)).fetchone()[0]
             for kind, table in FORGET_KINDS:
                 result.counts[kind] = memberships if table is None else txn.execute(

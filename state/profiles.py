@@ -32,13 +32,15 @@ _loads = orjson.loads
 _INSERT_CHANGES = (
     "INSERT INTO changes (profile_id, shard, ts, committed_at, attr_paths, identities, "
     "identity_changed, segments) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-_UPSERT_PROFILES = (
+_INSERT_PROFILES = (
     "INSERT INTO profiles (profile_id, shard, attributes, identity_map, segments, qualified, "
-    "created_at, updated_at, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (profile_id) DO UPDATE SET attributes = excluded.attributes, "
-    "identity_map = excluded.identity_map, segments = excluded.segments, "
-    "qualified = excluded.qualified, updated_at = excluded.updated_at, "
-    "last_seq = excluded.last_seq")
+    "created_at, updated_at, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# The segment statuses a group wrote are patched into the stored document by SQLite
+# (json_patch: new keys added, written ones replaced), so ingest never decodes it.
+_UPDATE_PROFILES = (
+    "UPDATE profiles SET attributes = ?, identity_map = ?, segments = CASE WHEN ?3 IS NULL "
+    "THEN segments ELSE json_patch(CAST(segments AS TEXT), ?3) END, qualified = ?, "
+    "updated_at = ?, last_seq = ? WHERE profile_id = ?")
 
 
 def _json_list(values: Iterable[str]) -> str:
@@ -60,21 +62,35 @@ def _clean(encoded: bytes) -> bool:
     return b"null" not in encoded and b"{}" not in encoded
 
 
+def _requalified(qualified: str, patch: dict[str, tuple[str, str]]) -> str:
+    """``qualified`` after the statuses of ``patch``, or itself when no qualification
+    flipped (the usual case: realized -> existing, or the same status again)."""
+    if all((f"\n{seg}\n" in qualified) == (entry[0] in QUALIFIED) for seg, entry in patch.items()):
+        return qualified
+    members = set(qualified[1:-1].split("\n")) if qualified else set()
+    for seg, entry in patch.items():
+        if entry[0] in QUALIFIED:
+            members.add(seg)
+        else:
+            members.discard(seg)
+    return "\n" + "\n".join(sorted(members)) + "\n" if members else ""
+
+
 class _State:
-    """A touched profile while a group of fragments is merged. Each document stays as the
-    bytes (or text) read from the store until a fragment needs it decoded, and is encoded again only
-    if it was decoded: a fragment that writes only segments leaves the attributes' bytes
-    alone."""
+    """A touched profile while a group of fragments is merged. The attributes and the
+    identity map stay the bytes read from the store until a fragment needs them decoded,
+    and are encoded again only if they were; the segment statuses written are only
+    collected (``patch``), for SQLite to merge into the stored document."""
 
-    __slots__ = ("attrs", "created", "ids", "last", "qualified", "requalify", "segs")
+    __slots__ = ("attrs", "created", "exists", "ids", "last", "patch", "qualified")
 
-    def __init__(self, attrs: Any, ids: Any, segs: Any, created: int, qualified: str) -> None:
+    def __init__(self, attrs: Any, ids: Any, created: int, qualified: str, exists: bool) -> None:
         self.attrs = attrs
         self.ids = ids
-        self.segs = segs
         self.created = created
         self.qualified = qualified
-        self.requalify = False
+        self.exists = exists
+        self.patch: dict[str, tuple[str, str]] | None = None
         self.last = 0
 
 
@@ -101,9 +117,9 @@ def apply_fragment_groups(db: sqlite_utils.Database,
 def _apply_group(conn: Any, fragments: Sequence[Fragment]) -> int:
     ids = list(dict.fromkeys(f.profile_id for f in fragments))
     states: dict[str, _State] = {
-        pid: _State(attrs, idmap, segs, created, qualified)
-        for pid, attrs, idmap, segs, created, qualified in conn.execute(
-            "SELECT profile_id, attributes, identity_map, segments, created_at, qualified "
+        pid: _State(attrs, idmap, created, qualified, True)
+        for pid, attrs, idmap, created, qualified in conn.execute(
+            "SELECT profile_id, attributes, identity_map, created_at, qualified "
             "FROM profiles WHERE profile_id IN (SELECT value FROM json_each(?))",
             (_json_list(ids),))
     }
@@ -114,7 +130,7 @@ def _apply_group(conn: Any, fragments: Sequence[Fragment]) -> int:
         pid = frag.profile_id
         state = states.get(pid)
         if state is None:
-            state = states[pid] = _State(_EMPTY, _EMPTY, _EMPTY, committed, "")
+            state = states[pid] = _State(_EMPTY, _EMPTY, committed, "", False)
         paths = None
         attributes = frag.attributes
         if attributes:
@@ -145,18 +161,13 @@ def _apply_group(conn: Any, fragments: Sequence[Fragment]) -> int:
             identity_changed = int(merge_identities(held, identities))
             identities_json = _dumps(identities).decode()
         segments_json = None
-        if frag.segments:
-            held = state.segs
-            if held.__class__ is not dict:
-                held = state.segs = _loads(held)
-            statuses = {}
-            for seg, entry in frag.segments.items():
-                before = held.get(seg)
-                held[seg] = entry
-                statuses[seg] = entry[0]
-                if before is None or (before[0] in QUALIFIED) != (entry[0] in QUALIFIED):
-                    state.requalify = True
-            segments_json = _dumps(statuses).decode()
+        segments = frag.segments
+        if segments:
+            if state.patch is None:
+                state.patch = dict(segments)
+            else:
+                state.patch.update(segments)
+            segments_json = _dumps({seg: entry[0] for seg, entry in segments.items()}).decode()
         changes.append((pid, shards[pid], frag.ts, committed, paths, identities_json,
                         identity_changed, segments_json))
     conn.executemany(_INSERT_CHANGES, changes)
@@ -166,21 +177,24 @@ def _apply_group(conn: Any, fragments: Sequence[Fragment]) -> int:
     for row in changes:
         seq += 1
         states[row[0]].last = seq
-    rows = []
+    inserts, updates = [], []
     for pid in sorted(states):  # key order: neighbouring rows share pages
         state = states[pid]
-        if not state.last:
-            continue
-        attrs, idmap, segs = state.attrs, state.ids, state.segs
-        qualified = state.qualified
-        if state.requalify:
-            qualified = qualified_of(segs)
-        rows.append((pid, shards[pid],
-                     _dumps(attrs) if attrs.__class__ is dict else attrs,
-                     _dumps(idmap) if idmap.__class__ is dict else idmap,
-                     _dumps(segs) if segs.__class__ is dict else segs,
-                     qualified, state.created, committed, state.last))
-    conn.executemany(_UPSERT_PROFILES, rows)
+        attrs, idmap, patch = state.attrs, state.ids, state.patch
+        attrs = _dumps(attrs) if attrs.__class__ is dict else attrs
+        idmap = _dumps(idmap) if idmap.__class__ is dict else idmap
+        qualified = state.qualified if patch is None else _requalified(state.qualified, patch)
+        if state.exists:
+            updates.append((attrs, idmap, None if patch is None else _dumps(patch).decode(),
+                            qualified, committed, state.last, pid))
+        else:
+            inserts.append((pid, shards[pid], attrs, idmap,
+                            "{}" if patch is None else _dumps(patch).decode(), qualified,
+                            state.created, committed, state.last))
+    if inserts:
+        conn.executemany(_INSERT_PROFILES, inserts)
+    if updates:
+        conn.executemany(_UPDATE_PROFILES, updates)
     return last_seq
 
 

@@ -267,13 +267,13 @@ MIGRATIONS: list[str] = [
     DROP TABLE profile_segments;
     CREATE VIEW profile_segments (profile_id, segment_id, status, last_qualification_time) AS
     SELECT p.profile_id, j.key, j.value ->> 0, j.value ->> 1
-    FROM profiles p, json_each(p.segments) j;
+    FROM profiles p, json_each(CAST(p.segments AS TEXT)) j;
     CREATE TRIGGER profile_segments_insert INSTEAD OF INSERT ON profile_segments BEGIN
-        UPDATE profiles SET segments = json_patch(segments, json_object(NEW.segment_id,
+        UPDATE profiles SET segments = json_patch(CAST(segments AS TEXT), json_object(NEW.segment_id,
             json_array(NEW.status, NEW.last_qualification_time)))
         WHERE profile_id = NEW.profile_id;
         UPDATE profiles SET qualified = coalesce((SELECT char(10) || group_concat(key, char(10))
-            || char(10) FROM (SELECT key FROM json_each(profiles.segments)
+            || char(10) FROM (SELECT key FROM json_each(CAST(profiles.segments AS TEXT))
                               WHERE value ->> 0 IN ('realized', 'existing') ORDER BY key)), '')
         WHERE profile_id = NEW.profile_id;
     END
