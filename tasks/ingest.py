@@ -30,7 +30,7 @@ from tasks.fragments import MAX_LINE_BYTES, FragmentError, parse_fragment
 BATCH_LINES = 20_000
 BATCH_BYTES = 32 << 20  # a batch of long lines is cut short so a transaction stays bounded
 GROUP_LINES = 2_000
-GROUP_BYTES = 1 << 20  # what is decoded at once: a group, whatever the batch
+GROUP_BYTES = 256 << 10  # what is decoded at once: a group, whatever the batch
 STDIN_LINGER_SECONDS = 0.2  # a live feed on stdin is committed at least this often
 READ_AHEAD_BYTES = 8 << 20  # what the reader of a pipe may hold before it is taken
 READ_BLOCK = 1 << 20
