@@ -127,7 +127,7 @@ def _check_identity_fields(entry: dict[str, Any], where: str, rounded: list[floa
     if primary is not None and not isinstance(primary, bool):
         raise FragmentError(f"{where}.primary must be true or false, got {str(primary)[:40]!r}")
     state = entry.get("authenticatedState")
-    if state is not None and state not in AUTHENTICATED_STATES:
+    if state is not None and (state.__class__ is not str or state not in AUTHENTICATED_STATES):
         raise FragmentError(f"{where}.authenticatedState must be one of "
                             f"{', '.join(sorted(AUTHENTICATED_STATES))}, got {str(state)[:40]!r}")
     _check_nesting(entry, where, 3, rounded)
@@ -206,7 +206,7 @@ def parse_fragment(line: bytes | str, catalogue: frozenset[str], now_ms: int) ->
             if not isinstance(entry, dict):
                 raise FragmentError(f"{where} must be an object with a status")
             status = entry.get("status")
-            if status not in STATUSES:
+            if status.__class__ is not str or status not in STATUSES:  # a list is unhashable
                 raise FragmentError(f"{where}.status must be realized, existing or exited, "
                                     f"got {str(status)[:40]!r}")
             lqt = entry.get("lastQualificationTime")

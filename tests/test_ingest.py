@@ -297,6 +297,10 @@ BAD_LINES: list[tuple[bytes, str]] = [
     (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-a": {"status": "qualified"}}}}',
      "segmentMembership.ups.seg-a.status must be realized, existing or exited"),
     (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-a": {}}}}', "status must be"),
+    (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-a": {"status": ["realized"]}}}}',
+     "status must be realized, existing or exited"),  # unhashable: a reason, not a crash
+    (b'{"profileId": "p", "identityMap": {"ecid": [{"id": "1", "authenticatedState": {}}]}}',
+     "authenticatedState must be one of"),
     (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-zz": {"status": "realized"}}}}',
      "segment 'seg-zz' is not in the config's catalogue"),
     (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-a": "realized"}}}',
