@@ -2,7 +2,8 @@
 what a chunk queues and records, forgotten profiles, crashes inside a chunk, and both
 ways of reading a chunk (a walk in key order, or one pass over the table for a small
 backfill) giving the same result. Also the migration that moved memberships into the
-profile row. Real SQLite files."""
+profile row. The verb's tests run on every engine of the contract suite
+(``tests/test_store_contract.py``); the others on SQLite files."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from state.model import Attempt, Backfill, Export
 from state.schema import MIGRATIONS
 from tasks import pipeline
 from tasks.ingest import ingest_stream
+from tests.test_store_contract import ENGINES, make_store
 
 FLOW = "flow-1"
 SEGMENTS = ["seg-a", "seg-b", "seg-ab", "seg 'q'", "seg%_\u00e9"]  # prefixes, quotes, LIKE signs
@@ -57,8 +59,16 @@ def last_seqs(store: Store, pids: list[str]) -> dict[str, int]:
     return {pid: p.last_seq for pid, p in store.load_profiles(pids).items()}
 
 
+@pytest.fixture(params=ENGINES)
+def store(request: pytest.FixtureRequest, tmp_path: Path):
+    """Every engine of the Store contract suite: these verbs are part of the interface."""
+    st = make_store(request.param, tmp_path)
+    yield st
+    st.close()
+
+
 @pytest.fixture
-def store(tmp_path: Path):
+def sqlite_store(tmp_path: Path):
     st = open_store(tmp_path / "relay.db")
     yield st
     st.close()
@@ -135,7 +145,8 @@ def test_forgotten_profiles_are_never_queued(store: Store) -> None:
 
 
 def test_a_crash_inside_a_chunk_writes_nothing_of_it_and_the_backfill_resumes(
-        store: Store) -> None:
+        sqlite_store: Store) -> None:
+    store = sqlite_store
     pids = [f"p-{i:02d}" for i in range(12)]
     ingest(store, *(member(pid, seg_a="realized") for pid in pids))
     config = parse_config({

@@ -25,6 +25,7 @@ from state.db import shard_of
 from state.model import Fragment, deep_merge, leaf_paths
 from tasks.fragments import MAX_DEPTH, MAX_LINE_BYTES, FragmentError, parse_fragment
 from tasks.ingest import IngestResult, Rejection, ingest_files, ingest_stream
+from tests.test_store_contract import ENGINES, make_store
 
 CAT = frozenset({"seg-a", "seg-b", "seg-c"})
 T0 = "2026-01-11T21:24:39Z"
@@ -964,3 +965,38 @@ def test_a_batch_is_cut_by_bytes_as_well_as_lines(db, monkeypatch) -> None:
     result = ingest(db, [line] * 10, on_progress=progress.append)
     assert result.ingested == 10
     assert progress == [3 * (len(line) + 1)] * 3 + [len(line) + 1]  # 3 lines reach 1,000 bytes
+
+
+@pytest.fixture(params=ENGINES)
+def any_store(request: pytest.FixtureRequest, tmp_path: Path):
+    """Every engine of the Store contract suite (``append_change_groups`` is a verb of it)."""
+    store = make_store(request.param, tmp_path)
+    yield store
+    store.close()
+
+
+def test_append_change_groups_is_one_transaction_taking_groups_in_turn(any_store) -> None:
+    def fragment(pid: str, **attrs: Any) -> Fragment:
+        return Fragment(pid, 7, attributes=attrs, paths=sorted(attrs),
+                        segments={"seg-a": ("realized", T0)})
+
+    taken: list[int] = []
+
+    def groups(fail: bool) -> Any:
+        for i, group in enumerate([[fragment("p-1", a=1), fragment("p-2", b=1)],
+                                   [], [fragment("p-1", c=1)]]):
+            taken.append(i)
+            yield group
+        if fail:
+            raise RuntimeError("the producer failed")
+
+    with pytest.raises(RuntimeError, match="producer failed"):
+        any_store.append_change_groups(groups(fail=True))
+    assert any_store.head_seq() == 0 and any_store.load_profiles(["p-1", "p-2"]) == {}
+    assert any_store.append_change_groups(groups(fail=False)) == 3 == any_store.head_seq()
+    assert taken == [0, 1, 2] * 2
+    profiles = any_store.load_profiles(["p-1", "p-2"])
+    assert profiles["p-1"].attributes == {"a": 1, "c": 1} and profiles["p-1"].last_seq == 3
+    assert profiles["p-2"].segments == {"seg-a": ("realized", T0)}
+    assert [r[1] for r in any_store.read_changes(0, 10)] == ["p-1", "p-2", "p-1"]
+    assert any_store.append_change_groups(iter([[], []])) == 0
