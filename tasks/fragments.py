@@ -155,6 +155,8 @@ def parse_fragment(line: bytes | str, catalogue: frozenset[str], now_ms: int) ->
         raise FragmentError("profileId is required and must be a non-empty string")
     if len(pid) > MAX_PROFILE_ID:
         raise FragmentError(f"profileId is longer than {MAX_PROFILE_ID} characters")
+    if "\x00" in pid:  # SQLite's JSON functions, which the store's lookups use, end text there
+        raise FragmentError("profileId must not contain a NUL character (\\u0000)")
     stamp = doc.get("timestamp")
     if stamp is not None:
         ts, iso = _instant_of(stamp, "timestamp")

@@ -293,6 +293,7 @@ BAD_LINES: list[tuple[bytes, str]] = [
     (b'{"profileId": "p", "attributes": [1]}', "attributes must be an object"),
     (b'{"profileId": "p", "identityMap": {"ecid": {"id": "1"}}}', "identityMap.ecid must be a list"),
     (b'{"profileId": "p", "identityMap": {"ecid": [{"id": 5}]}}', "identityMap.ecid[0]"),
+    (b'{"profileId": "p\\u0000q"}', "profileId must not contain a NUL character"),
     (b'{"profileId": "p", "timestamp": 1700000000}', "timestamp must be an ISO 8601 string"),
     (b'{"profileId": "p", "timestamp": "yesterday"}', "timestamp is not an ISO 8601 time"),
     (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-a": {"status": "qualified"}}}}',
@@ -697,7 +698,7 @@ _attributes = st.recursive(
     st.dictionaries(_attr_key, _scalars | st.lists(_scalars, max_size=3), max_size=3),
     lambda kids: st.dictionaries(_attr_key, kids | _scalars, max_size=3), max_leaves=12)
 _valid_fragment = st.fixed_dictionaries(
-    {"profileId": st.text(min_size=1, max_size=10).filter(str.strip)},
+    {"profileId": st.text(min_size=1, max_size=10).filter(lambda t: t.strip() and "\x00" not in t)},
     optional={
         "timestamp": st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat()),
         "attributes": _attributes,
