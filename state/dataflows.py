@@ -20,8 +20,6 @@ from state.model import (
 
 FORGET_CHECK_MARGIN_MS = 60_000  # clocks of two processes on one host, and a little more
 
-QUALIFIED_SQL = "('realized', 'existing')"
-
 
 def max_seq(db: sqlite_utils.Database) -> int:
     return db.conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
@@ -271,13 +269,13 @@ def open_backfills(db: sqlite_utils.Database, dataflow: str) -> list[Backfill]:
         "WHERE dataflow = ? AND finished_at IS NULL ORDER BY id", (dataflow,))]
 
 
-def _member_of_any(segments: Sequence[str], column: str = "qualified") -> tuple[str, list[str]]:
+def _member_of_any(segments: Sequence[str]) -> tuple[str, list[str]]:
     """SQL true when a ``profiles.qualified`` value names one of ``segments`` (one instr()
     per segment, on bound parameters), and its parameters."""
     if not segments:
         return "0", []
     needles = [f"\n{seg}\n" for seg in dict.fromkeys(segments)]
-    return "(" + " OR ".join(f"instr({column}, ?) > 0" for _ in needles) + ")", needles
+    return "(" + " OR ".join("instr(qualified, ?) > 0" for _ in needles) + ")", needles
 
 
 def count_qualified(db: sqlite_utils.Database, segments: Sequence[str]) -> int:
@@ -298,8 +296,9 @@ def qualified_after(db: sqlite_utils.Database, segments: Sequence[str], after: s
 
 # A backfill of at most this many chunks reads each chunk with one pass over the table in
 # storage order and a sort; a bigger one walks the profiles in key order, which reads every
-# profile once over the whole backfill but at random places (about 10x slower per profile
-# than the pass), so a segment with few members no longer costs a walk of the whole store.
+# profile once over the whole backfill but at random places (several times slower per
+# profile than the pass: 3.3 s against 0.6 s for 1,000,000 profiles in random storage
+# order), so a segment with few members does not cost a walk of the whole store.
 SCAN_CHUNKS = 4
 
 
