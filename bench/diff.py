@@ -7,15 +7,19 @@
    state/schema.py (the file is created with open_db, so the migrations run first), and
    registers a dataflow mapping seg-00 and seg-01 with ``tasks.pipeline.sync``.
 2. (c) runs that new dataflow's initial backfill with ``tasks.pipeline.backfill``: every
-   qualified profile into the outbox (as a reference: bodies are rendered at send time)
-   -> profiles/s. This also leaves the dataflow's snapshots as a running dataflow has
-   them. The outbox is then emptied (as if delivered).
+   qualified profile into the outbox (as a reference: bodies are rendered at send time),
+   a chunk per set-based transaction -> profiles/s. This also leaves the dataflow's
+   snapshots as a running dataflow has them. The outbox is then emptied (as if
+   delivered). (d) BASELINE for (c): the same backfill for a second dataflow on the same
+   store, each chunk's profiles passed through Python (``qualified_after``,
+   ``backfill_rows``, ``enqueue_exports``: the way until 2026-12-03); it must leave the
+   same snapshots, and is dropped afterwards.
 3. Appends a micro-batch of --batch fragments through tasks.ingest.ingest_stream: mapped
    attribute writes (some with the same value), unmapped writes, identity adds, mapped
    membership flips and unmapped segment changes, on random profiles.
 4. (a) BASELINE: only reading the rows that micro-batch touches out of SQLite into Polars
-   (the change rows after the cursor, those profiles' profile rows and their
-   profile_segments rows, as pl.DataFrames). (b) OURS: ``tasks.pipeline.decide_batch`` from
+   (the change rows after the cursor and those profiles' rows, memberships included, as
+   pl.DataFrames). (b) OURS: ``tasks.pipeline.decide_batch`` from
    the micro-batch to exports in the outbox (detection, snapshots and the cursor, one
    transaction; the outbox holds references, so no body is built here).
 
@@ -45,10 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import parse_config
 from state import Store, open_store
 from state.db import now_ms, open_db, shard_of, write_txn
+from state.model import Backfill, Export
+from state.profiles import qualified_of
 from tasks import pipeline
 from tasks.ingest import ingest_stream
 
 FLOW = "bench-flow"
+REF_FLOW = "bench-flow-per-profile"
+REF_CHUNK = 5_000  # the chunk of the per-profile backfill
 SEGMENTS = [f"seg-{i:02d}" for i in range(10)]
 MAPPED = ["seg-00", "seg-01"]
 ATTRIBUTES = ["person.name.firstName", "person.name.lastName", "personalEmail.address",
@@ -90,8 +98,13 @@ def pid_of(i: int) -> str:
     return f"p-{i:08d}"
 
 
-def build_store(path: Path, n: int, rng: random.Random) -> None:
-    """N profiles with their change-log row, memberships, written with executemany."""
+def build_store(path: Path, n: int, rng: random.Random, shuffled: bool = False) -> None:
+    """N profiles (memberships in the profile row) with their change-log row, written with
+    executemany, in key order, or with ``shuffled`` in a random order (as profiles arrive
+    in a real store: the table's storage order is then unrelated to the key order)."""
+    order = list(range(n))
+    if shuffled:
+        random.Random(n).shuffle(order)
     db = open_db(path)  # runs the migrations
     conn = db.conn
     conn.execute("PRAGMA synchronous = OFF")
@@ -103,8 +116,8 @@ def build_store(path: Path, n: int, rng: random.Random) -> None:
              "homeAddress.postalCode\nhomeAddress.country\nloyalty.tier\nloyalty.points")
     with write_txn(db):
         for start in range(0, n, CHUNK):
-            profiles, changes, memberships = [], [], []
-            for i in range(start, min(n, start + CHUNK)):
+            profiles, changes = [], []
+            for k, i in enumerate(order[start:start + CHUNK], start):
                 pid = pid_of(i)
                 shard = shard_of(pid)
                 attrs = {
@@ -122,18 +135,38 @@ def build_store(path: Path, n: int, rng: random.Random) -> None:
                 segs = {"seg-00": "existing" if rng.random() < 0.98 else "exited"}
                 for seg in rng.sample(others, 4):
                     segs[seg] = rng.choice(statuses)
-                seq = i + 1
-                profiles.append((pid, shard, orjson.dumps(attrs), orjson.dumps(ids), committed,
+                seq = k + 1  # in storage order
+                entries = {seg: (status, LQT) for seg, status in segs.items()}
+                profiles.append((pid, shard, orjson.dumps(attrs), orjson.dumps(ids),
+                                 orjson.dumps(entries), qualified_of(entries), committed,
                                  committed, seq))
                 changes.append((seq, pid, shard, committed, committed, paths,
                                 orjson.dumps(ids).decode(), 1, orjson.dumps(segs).decode()))
-                memberships.extend((pid, seg, status, LQT) for seg, status in segs.items())
-            conn.executemany("INSERT INTO profiles VALUES (?, ?, ?, ?, ?, ?, ?)", profiles)
+            conn.executemany(
+                "INSERT INTO profiles (profile_id, shard, attributes, identity_map, segments, "
+                "qualified, created_at, updated_at, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                profiles)
             conn.executemany("INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", changes)
-            conn.executemany("INSERT INTO profile_segments VALUES (?, ?, ?, ?)", memberships)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("ANALYZE")
     conn.close()
+
+
+def per_profile_backfill(store: Store, name: str, job: Backfill, segments: list[str],
+                         chunk: int) -> int:
+    """A backfill as ``tasks.pipeline.backfill`` did it until 2026-12-03: each chunk's
+    profile ids read into Python, their rows read back, their exports queued."""
+    store.set_backfill_total(job.id, store.count_qualified(segments))
+    after, exported = "", 0
+    while pids := store.qualified_after(segments, after, chunk):
+        now = now_ms()
+        exports = [Export(pid, seq, "backfill", now, qualified)
+                   for pid, seq, qualified in store.backfill_rows(pids, segments)]
+        store.enqueue_exports(name, exports, backfill=(job.id, pids[-1], len(pids)), read_at=now)
+        after = pids[-1]
+        exported += len(exports)
+    store.finish_backfill(job.id)
+    return exported
 
 
 def micro_batch(n: int, size: int, rng: random.Random) -> bytes:
@@ -161,7 +194,8 @@ def micro_batch(n: int, size: int, rng: random.Random) -> bytes:
 
 
 def baseline(conn, after: int) -> tuple[Clock, int]:
-    """Only reading what the micro-batch touches into Polars: changes, profiles, memberships."""
+    """Only reading what the micro-batch touches into Polars: its changes, and the rows of
+    the profiles they name (documents, memberships included)."""
     with Clock() as clock:
         changes = pl.DataFrame(conn.execute(
             "SELECT seq, profile_id, committed_at, attr_paths, identity_changed, segments "
@@ -170,14 +204,11 @@ def baseline(conn, after: int) -> tuple[Clock, int]:
                     "segments"], orient="row")
         arg = (orjson.dumps(changes.get_column("profile_id").unique().to_list()).decode(),)
         profiles = pl.DataFrame(conn.execute(
-            "SELECT profile_id, attributes, identity_map, last_seq FROM profiles "
-            "WHERE profile_id IN (SELECT value FROM json_each(?))", arg).fetchall(),
-            schema=["profile_id", "attributes", "identity_map", "last_seq"], orient="row")
-        members = pl.DataFrame(conn.execute(
-            "SELECT profile_id, segment_id, status, last_qualification_time FROM profile_segments "
-            "WHERE profile_id IN (SELECT value FROM json_each(?))", arg).fetchall(),
-            schema=["profile_id", "segment_id", "status", "lqt"], orient="row")
-    return clock, changes.height + profiles.height + members.height
+            "SELECT profile_id, attributes, identity_map, segments, qualified, last_seq "
+            "FROM profiles WHERE profile_id IN (SELECT value FROM json_each(?))", arg).fetchall(),
+            schema=["profile_id", "attributes", "identity_map", "segments", "qualified",
+                    "last_seq"], orient="row")
+    return clock, changes.height + profiles.height
 
 
 class Phases:
@@ -186,7 +217,7 @@ class Phases:
     negligible)."""
 
     STORE_VERBS = ("read_changes", "memberships", "snapshots", "count_qualified",
-                   "qualified_after", "backfill_rows", "enqueue_exports")
+                   "queue_backfill", "qualified_after", "backfill_rows", "enqueue_exports")
     PIPELINE_STEPS = ("candidates", "decide")
 
     def __init__(self, store: Store) -> None:
@@ -244,6 +275,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10_000)
     ap.add_argument("--db", type=Path, default=None, help="store file (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--chunk", type=int, default=pipeline.BACKFILL_CHUNK,
+                    help="profiles per backfill transaction")
+    ap.add_argument("--shuffled", action="store_true",
+                    help="store the profiles in a random order, not in key order")
     ap.add_argument("--profile", nargs="?", const="wall", choices=["wall", "cpu"],
                     help="cProfile (b) and (c), timed by wall clock (default) or CPU time")
     args = ap.parse_args()
@@ -256,7 +291,7 @@ def main() -> None:
         sys.exit(f"{args.db} exists; give a new path")
 
     with Clock() as built:
-        build_store(args.db, args.profiles, rng)
+        build_store(args.db, args.profiles, rng, args.shuffled)
     rss_build = peak_rss()
     print(f"store: {args.profiles:,} profiles built in {built} "
           f"({os.path.getsize(args.db) / 2**20:,.0f} MiB), peak RSS so far {gib(rss_build)}")
@@ -282,7 +317,7 @@ def main() -> None:
     with Phases(store) as phases_c, Clock() as backfill_t:
         if prof_c:
             prof_c.enable()
-        backfilled = pipeline.backfill(store, flow, job)
+        backfilled = pipeline.backfill(store, flow, job, chunk=args.chunk)
         if prof_c:
             prof_c.disable()
     queued = store.pending_count(FLOW)
@@ -290,6 +325,21 @@ def main() -> None:
     rss_backfill = peak_rss()
     with write_txn(db) as conn:  # as if delivered
         conn.execute("DELETE FROM outbox WHERE dataflow = ?", (FLOW,))
+    db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # (d) baseline for (c): the same backfill for a second dataflow over the same segments,
+    # each chunk's profiles through Python as until now; then that dataflow is dropped
+    store.sync_dataflow(REF_FLOW, "crm", MAPPED, "ref")
+    (ref_job,) = store.open_backfills(REF_FLOW)
+    with Clock() as ref_t:
+        ref_backfilled = per_profile_backfill(store, REF_FLOW, ref_job, MAPPED, REF_CHUNK)
+    assert ref_backfilled == backfilled, (ref_backfilled, backfilled)
+    same = db.conn.execute(
+        "SELECT count(*) FROM dataflow_profiles a JOIN dataflow_profiles b USING (profile_id) "
+        "WHERE a.dataflow = ? AND b.dataflow = ? AND a.qualified = b.qualified "
+        "AND a.exported_seq = b.exported_seq", (FLOW, REF_FLOW)).fetchone()[0]
+    assert same == backfilled, (same, backfilled)  # the same snapshots, row for row
+    store.drop_dataflow(REF_FLOW)
     db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # the micro-batch
@@ -335,6 +385,10 @@ def main() -> None:
           f"profiles/s (cpu-bound rate {backfilled / backfill_t.cpu:,.0f}/s)   "
           f"target >= {TARGET_BACKFILL:,}/s: {verdict(rate >= TARGET_BACKFILL)}")
     phases_c.report("(c)", backfill_t)
+    ref_rate = ref_backfilled / ref_t.wall
+    print(f"(d) baseline for (c), each chunk's {REF_CHUNK:,} profiles through Python "
+          f"(qualified_after, backfill_rows, enqueue_exports): {ref_t}, {ref_rate:,.0f} "
+          f"profiles/s; (c) is {rate / ref_rate:.2f}x this (cpu {ref_t.cpu / backfill_t.cpu:.2f}x)")
     print(f"peak RSS: {gib(rss)} (after build {gib(rss_build)}, after backfill "
           f"{gib(rss_backfill)})   target <= {gib(TARGET_RSS)}: {verdict(rss <= TARGET_RSS)}")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "

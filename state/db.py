@@ -35,6 +35,15 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
                            check_same_thread=False)
+    configure(conn)
+    db = sqlite_utils.Database(conn)
+    migrate(db)
+    return db
+
+
+def configure(conn: sqlite3.Connection) -> None:
+    """The pragmas and functions of every connection to a store (also used by the
+    benchmarks' bare-SQL baselines, so both sides run with the same settings)."""
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
@@ -47,9 +56,7 @@ def open_db(path: str | Path) -> sqlite_utils.Database:
     # Checkpoints run inside COMMIT; at the default 1,000 pages they came every few rounds
     # of the dispatcher and doubled the cost of recording outcomes (bench/dispatch.py).
     conn.execute("PRAGMA wal_autocheckpoint = 10000")
-    db = sqlite_utils.Database(conn)
-    migrate(db)
-    return db
+    conn.create_function("relay_shard", 1, shard_of, deterministic=True)
 
 
 @contextmanager
@@ -80,7 +87,21 @@ def migrate(db: sqlite_utils.Database) -> int:
         row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
         current = row[0] or 0
         for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-            for statement in filter(str.strip, script.split(";")):
+            for statement in statements(script):
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
     return len(MIGRATIONS)
+
+
+def statements(script: str) -> Iterator[str]:
+    """The statements of a migration script, split at the semicolons that end one (not those
+    inside a trigger's body or a string)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending = f"{pending};{piece}" if pending else piece
+        if sqlite3.complete_statement(pending + ";"):
+            if pending.strip():
+                yield pending
+            pending = ""
+    if pending.strip():
+        yield pending

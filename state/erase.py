@@ -21,10 +21,11 @@ from state.model import Forgotten
 
 SCRUB_PAGES_PER_ROW = 16_384
 
-# (what a user reads, table): the order ``forget`` reports them in
+# (what a user reads, table): the order ``forget`` reports them in. Memberships live in the
+# profile row (state/schema.py, migration 6): they are counted from it, and go with it.
 FORGET_KINDS = (
     ("profiles", "profiles"),
-    ("memberships", "profile_segments"),
+    ("memberships", None),
     ("change log rows", "changes"),
     ("queued exports", "outbox"),
     ("dataflow snapshots", "dataflow_profiles"),
@@ -55,8 +56,11 @@ def forget(db: sqlite_utils.Database, profile_ids: Sequence[str]) -> Forgotten:
     conn.execute("PRAGMA secure_delete = ON")
     try:
         with write_txn(db) as txn:
+            memberships = txn.execute(
+                "SELECT count(*) FROM profiles p, json_each(CAST(p.segments AS TEXT)) "
+                "WHERE p.profile_id IN (SELECT value FROM json_each(?))", (ids,)).fetchone()[0]
             for kind, table in FORGET_KINDS:
-                result.counts[kind] = txn.execute(
+                result.counts[kind] = memberships if table is None else txn.execute(
                     f"DELETE FROM {table} WHERE profile_id IN (SELECT value FROM json_each(?))",
                     (ids,)).rowcount
             # a decision read before this forget may still name these profiles: the queueing

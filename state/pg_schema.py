@@ -164,7 +164,7 @@ MIGRATIONS: list[str] = [
         value bigint NOT NULL
     )
     """,
-    # 2: as SQLite's migration 6: redelivery of the failed store, circuit breakers, a
+    # 2: as SQLite's migration 7: redelivery of the failed store, circuit breakers, a
     # profile's history by profile
     """
     ALTER TABLE outbox ADD COLUMN redelivery integer NOT NULL DEFAULT 0;

@@ -446,6 +446,10 @@ def _keys(profile_ids: Iterable[str]) -> dict[str, list[Any]]:
     return {"shards": [s for s, _ in pairs], "ids": [p for _, p in pairs]}
 
 
+# memberships have a table of their own here (in SQLite they live in the profile row)
+_FORGET_TABLES = [(kind, table or "profile_segments") for kind, table in FORGET_KINDS]
+
+
 class PgSendLock:
     """A session-level advisory lock held on a connection of its own; closing the
     connection (or losing it) releases it."""
@@ -554,6 +558,7 @@ class PostgresStore:
     def _stage(self, cur: Any, name: str, rows: Iterable[Sequence[Any]]) -> None:
         """Fill the temporary staging table ``name`` (see ``STAGES``) by binary COPY."""
         columns = STAGES[name]
+        cur.execute(f"DROP TABLE IF EXISTS {name}")  # staged already in this transaction
         cur.execute(f"CREATE TEMP TABLE {name} ("
                     + ", ".join(f"{c} {t}" for c, t in columns) + ") ON COMMIT DROP")
         self._copy(cur, f"COPY {name} FROM STDIN (FORMAT binary)", [t for _, t in columns], rows)
@@ -575,54 +580,64 @@ class PostgresStore:
     def append_changes(self, fragments: Sequence[Fragment]) -> int:
         """Merge and log the fragments in one transaction, under the ingest lock (see the
         module's doc: it orders seqs by commit, so a cursor never skips one)."""
-        if not fragments:
-            return 0
-        keys = _keys(f.profile_id for f in fragments)
+        return self.append_change_groups([fragments]) if fragments else 0
+
+    def append_change_groups(self, groups: Iterable[Sequence[Fragment]]) -> int:
+        """Every group in one transaction under the ingest lock, each written before the
+        next is taken from ``groups``."""
+        last_seq = 0
         with self._txn(probe=True) as cur:
             cur.execute(XACT_LOCK, self._lock("ingest"))
-            existing = {pid: [orjson.loads(attrs), orjson.loads(idmap), created]
-                        for pid, attrs, idmap, created in cur.execute(PROFILES_FOR_MERGE, keys)}
-            committed = now_ms()
-            changes: list[list[Any]] = []
-            shards: dict[str, int] = {}
-            segment_rows: dict[tuple[str, str], tuple] = {}
-            for frag in fragments:
-                state = existing.get(frag.profile_id)
-                if state is None:
-                    state = existing[frag.profile_id] = [{}, {}, committed]
-                paths = None
-                if frag.attributes:
-                    deep_merge(state[0], frag.attributes)
-                    written = frag.paths if frag.paths is not None else leaf_paths(frag.attributes)
-                    paths = "\n".join(written) or None
-                identity_changed = int(bool(frag.identities)
-                                       and merge_identities(state[1], frag.identities))
-                shard = shards.get(frag.profile_id)
-                if shard is None:
-                    shard = shards[frag.profile_id] = shard_of(frag.profile_id)
-                for seg, (status, lqt) in frag.segments.items():
-                    segment_rows[(frag.profile_id, seg)] = (frag.profile_id, seg, shard, status, lqt)
-                changes.append([
-                    0, frag.profile_id, shard, frag.ts, committed, paths,
-                    orjson.dumps(frag.identities).decode() if frag.identities else None,
-                    identity_changed,
-                    orjson.dumps({s: v[0] for s, v in frag.segments.items()}).decode()
-                    if frag.segments else None,
-                ])
-            seqs = sorted(s for (s,) in cur.execute(RESERVE_SEQS, (len(changes),)))
-            last_by_profile: dict[str, int] = {}
-            for seq, row in zip(seqs, changes, strict=True):
-                row[0] = seq
-                last_by_profile[row[1]] = seq
-            self._copy(cur, COPY_CHANGES, CHANGE_TYPES, changes)
-            self._stage(cur, "stage_profiles", (
-                (pid, shards[pid], orjson.dumps(a), orjson.dumps(i), created, committed,
-                 last_by_profile[pid])
-                for pid, (a, i, created) in existing.items() if pid in last_by_profile))
-            cur.execute(UPSERT_PROFILES)
-            if segment_rows:
-                self._stage(cur, "stage_segments", segment_rows.values())
-                cur.execute(UPSERT_SEGMENTS)
+            for fragments in groups:
+                if fragments:
+                    last_seq = self._append_group(cur, fragments)
+        return last_seq
+
+    def _append_group(self, cur: Any, fragments: Sequence[Fragment]) -> int:
+        keys = _keys(f.profile_id for f in fragments)
+        existing = {pid: [orjson.loads(attrs), orjson.loads(idmap), created]
+                    for pid, attrs, idmap, created in cur.execute(PROFILES_FOR_MERGE, keys)}
+        committed = now_ms()
+        changes: list[list[Any]] = []
+        shards: dict[str, int] = {}
+        segment_rows: dict[tuple[str, str], tuple] = {}
+        for frag in fragments:
+            state = existing.get(frag.profile_id)
+            if state is None:
+                state = existing[frag.profile_id] = [{}, {}, committed]
+            paths = None
+            if frag.attributes:
+                deep_merge(state[0], frag.attributes)
+                written = frag.paths if frag.paths is not None else leaf_paths(frag.attributes)
+                paths = "\n".join(written) or None
+            identity_changed = int(bool(frag.identities)
+                                   and merge_identities(state[1], frag.identities))
+            shard = shards.get(frag.profile_id)
+            if shard is None:
+                shard = shards[frag.profile_id] = shard_of(frag.profile_id)
+            for seg, (status, lqt) in frag.segments.items():
+                segment_rows[(frag.profile_id, seg)] = (frag.profile_id, seg, shard, status, lqt)
+            changes.append([
+                0, frag.profile_id, shard, frag.ts, committed, paths,
+                orjson.dumps(frag.identities).decode() if frag.identities else None,
+                identity_changed,
+                orjson.dumps({s: v[0] for s, v in frag.segments.items()}).decode()
+                if frag.segments else None,
+            ])
+        seqs = sorted(s for (s,) in cur.execute(RESERVE_SEQS, (len(changes),)))
+        last_by_profile: dict[str, int] = {}
+        for seq, row in zip(seqs, changes, strict=True):
+            row[0] = seq
+            last_by_profile[row[1]] = seq
+        self._copy(cur, COPY_CHANGES, CHANGE_TYPES, changes)
+        self._stage(cur, "stage_profiles", (
+            (pid, shards[pid], orjson.dumps(a), orjson.dumps(i), created, committed,
+             last_by_profile[pid])
+            for pid, (a, i, created) in existing.items() if pid in last_by_profile))
+        cur.execute(UPSERT_PROFILES)
+        if segment_rows:
+            self._stage(cur, "stage_segments", segment_rows.values())
+            cur.execute(UPSERT_SEGMENTS)
         return seqs[-1]
 
     def load_profiles(self, profile_ids: Sequence[str]) -> dict[str, StoredProfile]:
@@ -824,6 +839,19 @@ class PostgresStore:
                                          {**keys, "segments": list(mapped_segments)}).fetchall())
             return [(pid, last_seq, qualified.get(pid) or "")
                     for pid, last_seq in cur.execute(BACKFILL_PROFILES, keys)]
+
+    def queue_backfill(self, dataflow: str, job: int, segments: Sequence[str],
+                       tracked: Sequence[str], after: str, limit: int) -> tuple[str, int] | None:
+        """The chunk's ids and rows read first, then queued in one transaction that
+        leaves out the profiles forgotten since the read (``enqueue_exports``' read_at)."""
+        pids = self.qualified_after(segments, after, limit)
+        if not pids:
+            return None
+        now = now_ms()
+        exports = [Export(pid, seq, "backfill", now, qualified)
+                   for pid, seq, qualified in self.backfill_rows(pids, tracked)]
+        self.enqueue_exports(dataflow, exports, backfill=(job, pids[-1], len(pids)), read_at=now)
+        return pids[-1], len(pids)
 
     def set_backfill_total(self, job: int, total: int) -> None:
         with self._txn() as cur:
@@ -1080,14 +1108,14 @@ class PostgresStore:
         with self._txn(probe=True) as cur:
             cur.execute(XACT_LOCK, self._lock("ingest"))
             cur.execute(XACT_LOCK, self._lock("erase"))
-            for kind, table in FORGET_KINDS:
+            for kind, table in _FORGET_TABLES:
                 cur.execute(FORGET_ROWS.format(table=table), keys)
                 result.counts[kind] = cur.rowcount
             # a decision read before this forget may still name these profiles: the queueing
             # transaction checks for them when a forget happened since (``enqueue_exports``)
             cur.execute(MARK_FORGET, (now_ms(),))
             cur.execute(STEP_BACK_BACKFILLS, (keys["ids"],))
-        touched = sorted({table for kind, table in FORGET_KINDS if result.counts[kind]})
+        touched = sorted({table for kind, table in _FORGET_TABLES if result.counts[kind]})
         if touched:
             try:
                 with self.pool.connection() as conn:  # autocommit: VACUUM runs outside a transaction

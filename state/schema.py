@@ -1,9 +1,11 @@
 """The store's schema as numbered migrations; append, never edit a released one.
 
-Profiles keep their attributes and identity map as one orjson document each (a fragment
-merge is one read and one write), and their segment memberships in long form (backfill
-and flip detection query them by segment). The change log keeps one row per fragment with
-what it wrote, which the stream flow explodes in Polars.
+A profile is one row: its attributes, identity map and segment statuses as one orjson
+document each, and the segments it is qualified for as a short framed string (a fragment
+merge is one read and one row write, however many segments it touches; backfills filter on
+that string). The change log keeps one row per fragment with what it wrote, which the
+stream flow explodes in Polars. ``profile_segments`` (the long form of memberships that
+migrations 1 to 5 kept as a table) is a view over the profile rows since migration 6.
 """
 
 MIGRATIONS: list[str] = [
@@ -232,7 +234,51 @@ MIGRATIONS: list[str] = [
         SELECT 'deletes_zeroed', NOT EXISTS (SELECT 1 FROM sqlite_sequence);
     CREATE TABLE free_page_scrub (zeros BLOB)
     """,
-    # 6: endpoints in the wild. The failed store redelivers by itself on a schedule: an
+    # 6: memberships move into the profile row. As a table of their own (a row per profile
+    # and segment, with a by-segment index) every fragment upserted about two of them besides
+    # its profile row: three B-tree writes where one does (bench/ingest.py). ``segments`` is
+    # the orjson document {segment: [status, lastQualificationTime]}; ``qualified`` the
+    # segments qualified now (realized or existing), sorted, each between line feeds
+    # ("\nseg-a\nseg-b\n", or "" for none), which a backfill or a count filters on with
+    # instr(). Memberships of a profile that had no profile row become a profile with no
+    # attributes (``relay_shard``: the shard function, registered by ``state.db.open_db``).
+    # ``profile_segments`` stays readable in long form as a view; inserting into it sets the
+    # membership on the (existing) profile's row.
+    """
+    ALTER TABLE profiles ADD COLUMN segments BLOB NOT NULL DEFAULT '{}';
+    ALTER TABLE profiles ADD COLUMN qualified TEXT NOT NULL DEFAULT '';
+    INSERT INTO profiles (profile_id, shard, attributes, identity_map, created_at, updated_at,
+        last_seq)
+    SELECT DISTINCT m.profile_id, relay_shard(m.profile_id), X'7B7D', X'7B7D',
+        CAST(strftime('%s', 'now') AS INTEGER) * 1000,
+        CAST(strftime('%s', 'now') AS INTEGER) * 1000, 0
+    FROM profile_segments m
+    WHERE NOT EXISTS (SELECT 1 FROM profiles p WHERE p.profile_id = m.profile_id);
+    UPDATE profiles SET
+        segments = coalesce((SELECT json_group_object(segment_id,
+                json_array(status, last_qualification_time))
+            FROM (SELECT segment_id, status, last_qualification_time FROM profile_segments m
+                  WHERE m.profile_id = profiles.profile_id ORDER BY segment_id)), '{}'),
+        qualified = coalesce((SELECT char(10) || group_concat(segment_id, char(10)) || char(10)
+            FROM (SELECT segment_id FROM profile_segments m
+                  WHERE m.profile_id = profiles.profile_id
+                  AND status IN ('realized', 'existing') ORDER BY segment_id)), '')
+    WHERE EXISTS (SELECT 1 FROM profile_segments m WHERE m.profile_id = profiles.profile_id);
+    DROP TABLE profile_segments;
+    CREATE VIEW profile_segments (profile_id, segment_id, status, last_qualification_time) AS
+    SELECT p.profile_id, j.key, j.value ->> 0, j.value ->> 1
+    FROM profiles p, json_each(CAST(p.segments AS TEXT)) j;
+    CREATE TRIGGER profile_segments_insert INSTEAD OF INSERT ON profile_segments BEGIN
+        UPDATE profiles SET segments = json_patch(CAST(segments AS TEXT), json_object(NEW.segment_id,
+            json_array(NEW.status, NEW.last_qualification_time)))
+        WHERE profile_id = NEW.profile_id;
+        UPDATE profiles SET qualified = coalesce((SELECT char(10) || group_concat(key, char(10))
+            || char(10) FROM (SELECT key FROM json_each(CAST(profiles.segments AS TEXT))
+                              WHERE value ->> 0 IN ('realized', 'existing') ORDER BY key)), '')
+        WHERE profile_id = NEW.profile_id;
+    END
+    """,
+    # 7: endpoints in the wild. The failed store redelivers by itself on a schedule: an
     # entry knows how many redeliveries came before it, when the export first failed for
     # good and when it is due again; a queued export carries its redelivery count. Each
     # dataflow has a circuit breaker. A profile's history reads the delivery log and the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sqlite_utils
@@ -56,6 +56,9 @@ class SqliteStore:
     # profiles and the change log
     def append_changes(self, fragments: Sequence[Fragment]) -> int:
         return profiles.apply_fragments(self.db, fragments)
+
+    def append_change_groups(self, groups: Iterable[Sequence[Fragment]]) -> int:
+        return profiles.apply_fragment_groups(self.db, groups)
 
     def load_profiles(self, profile_ids: Sequence[str]) -> dict[str, StoredProfile]:
         return profiles.load_profiles(self.db, profile_ids)
@@ -128,6 +131,10 @@ class SqliteStore:
     def backfill_rows(self, profile_ids: Sequence[str],
                       mapped_segments: Sequence[str]) -> list[tuple[str, int, str]]:
         return dataflows.backfill_rows(self.db, profile_ids, mapped_segments)
+
+    def queue_backfill(self, dataflow: str, job: int, segments: Sequence[str],
+                       tracked: Sequence[str], after: str, limit: int) -> tuple[str, int] | None:
+        return dataflows.queue_backfill(self.db, dataflow, job, segments, tracked, after, limit)
 
     def set_backfill_total(self, job: int, total: int) -> None:
         dataflows.set_backfill_total(self.db, job, total)

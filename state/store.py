@@ -7,7 +7,7 @@ tests (``tests/test_store_contract.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from state.model import (
@@ -40,6 +40,12 @@ class Store(Protocol):
     def append_changes(self, fragments: Sequence[Fragment]) -> int:
         """Merge fragments, in order, and append one change each, in one transaction;
         returns the last change seq."""
+    def append_change_groups(self, groups: Iterable[Sequence[Fragment]]) -> int:
+        """``append_changes`` for one batch handed over in groups: all groups in one
+        transaction (a failure, even while a group is being produced, leaves none of them),
+        in order, each merged and written before the next is taken from ``groups``, so a
+        caller parsing lines as groups are asked for never holds the batch decoded at once.
+        Returns the last change seq (0 when no group held a fragment)."""
     def load_profiles(self, profile_ids: Sequence[str]) -> dict[str, StoredProfile]: ...
     def profile_count(self) -> int: ...
     def head_seq(self) -> int:
@@ -91,6 +97,17 @@ class Store(Protocol):
     def qualified_after(self, segments: Sequence[str], after: str, limit: int) -> list[str]: ...
     def backfill_rows(self, profile_ids: Sequence[str],
                       mapped_segments: Sequence[str]) -> list[tuple[str, int, str]]: ...
+    def queue_backfill(self, dataflow: str, job: int, segments: Sequence[str],
+                       tracked: Sequence[str], after: str, limit: int) -> tuple[str, int] | None:
+        """One chunk of backfill ``job``, in one transaction and without the profiles
+        passing through the caller: the next ``limit`` profiles (in profile order, after
+        ``after``) qualified now for one of ``segments`` are queued as exports of their
+        current state (seq: their last change; reason ``backfill``; an export already
+        waiting is replaced unless its seq is newer), their snapshots get the ``tracked``
+        segments they are qualified for (sorted, newline separated; the newest seq queued
+        is kept), and the job's progress moves to the last of them (``after_profile``, and
+        ``done`` grows by their number). A profile forgotten before the transaction is not
+        queued. Returns (last profile, how many), or None when none are left."""
     def set_backfill_total(self, job: int, total: int) -> None: ...
     def finish_backfill(self, job: int) -> None: ...
 

@@ -644,16 +644,16 @@ def test_crash_during_a_backfill_chunk_loses_nothing(tmp_path: Path,
     relay = Relay(tmp_path)
     members = [f"p-{i:02d}" for i in range(12)]
     relay.ingest(*(qualified(p) for p in members))
-    real = flows_state.queue_exports
+    real = flows_state.queue_backfill  # one chunk, one transaction
     seen = []
 
-    def crash_second(*args: Any, **kwargs: Any) -> None:
+    def crash_second(*args: Any, **kwargs: Any) -> Any:
         seen.append(1)
         if len(seen) == 2:
             raise OSError("disk gone")
-        real(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(flows_state, "queue_exports", crash_second)
+    monkeypatch.setattr(flows_state, "queue_backfill", crash_second)
     relay.sync()
     (job,) = relay.store.open_backfills(FLOW)
     with pytest.raises(OSError):

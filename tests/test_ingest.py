@@ -25,6 +25,7 @@ from state.db import shard_of
 from state.model import Fragment, deep_merge, leaf_paths
 from tasks.fragments import MAX_DEPTH, MAX_LINE_BYTES, FragmentError, parse_fragment
 from tasks.ingest import IngestResult, Rejection, ingest_files, ingest_stream
+from tests.test_store_contract import ENGINES, make_store
 
 CAT = frozenset({"seg-a", "seg-b", "seg-c"})
 T0 = "2026-01-11T21:24:39Z"
@@ -292,11 +293,16 @@ BAD_LINES: list[tuple[bytes, str]] = [
     (b'{"profileId": "p", "attributes": [1]}', "attributes must be an object"),
     (b'{"profileId": "p", "identityMap": {"ecid": {"id": "1"}}}', "identityMap.ecid must be a list"),
     (b'{"profileId": "p", "identityMap": {"ecid": [{"id": 5}]}}', "identityMap.ecid[0]"),
+    (b'{"profileId": "p\\u0000q"}', "profileId must not contain a NUL character"),
     (b'{"profileId": "p", "timestamp": 1700000000}', "timestamp must be an ISO 8601 string"),
     (b'{"profileId": "p", "timestamp": "yesterday"}', "timestamp is not an ISO 8601 time"),
     (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-a": {"status": "qualified"}}}}',
      "segmentMembership.ups.seg-a.status must be realized, existing or exited"),
     (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-a": {}}}}', "status must be"),
+    (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-a": {"status": ["realized"]}}}}',
+     "status must be realized, existing or exited"),  # unhashable: a reason, not a crash
+    (b'{"profileId": "p", "identityMap": {"ecid": [{"id": "1", "authenticatedState": {}}]}}',
+     "authenticatedState must be one of"),
     (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-zz": {"status": "realized"}}}}',
      "segment 'seg-zz' is not in the config's catalogue"),
     (b'{"profileId": "p", "segmentMembership": {"ups": {"seg-a": "realized"}}}',
@@ -438,7 +444,7 @@ def test_empty_input(db) -> None:
 # --- atomic batches ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("table", ["changes", "profiles", "profile_segments"])
+@pytest.mark.parametrize("table", ["changes", "profiles"])  # memberships: in the profile row
 def test_a_failing_batch_leaves_no_rows(db, table: str) -> None:
     key = "profile_id"
     db.db.conn.execute(
@@ -692,7 +698,7 @@ _attributes = st.recursive(
     st.dictionaries(_attr_key, _scalars | st.lists(_scalars, max_size=3), max_size=3),
     lambda kids: st.dictionaries(_attr_key, kids | _scalars, max_size=3), max_leaves=12)
 _valid_fragment = st.fixed_dictionaries(
-    {"profileId": st.text(min_size=1, max_size=10).filter(str.strip)},
+    {"profileId": st.text(min_size=1, max_size=10).filter(lambda t: t.strip() and "\x00" not in t)},
     optional={
         "timestamp": st.datetimes(timezones=st.just(UTC)).map(lambda d: d.isoformat()),
         "attributes": _attributes,
@@ -772,3 +778,228 @@ def test_a_trickling_pipe_is_committed_without_waiting_for_a_full_batch(tmp_path
     done.join(10)
     assert not done.is_alive()
     assert db.db.conn.execute("SELECT count(*) FROM changes").fetchone()[0] == 3
+
+
+# --- integers beyond 64 bits ---------------------------------------------------------------
+
+
+WIDE = 123456789012345678901234567890
+
+
+@pytest.mark.parametrize(("line", "where"), [
+    (b'{"profileId": "p", "attributes": {"loyalty": {"points": %d}}}' % WIDE,
+     "attributes.loyalty.points"),
+    (b'{"profileId": "p", "attributes": {"l": [1, {"k": [%d]}]}}' % -(2**63 + 1), "attributes.l[1].k[0]"),
+    (b'{"profileId": "p", "attributes": {"u": %d}}' % 2**64, "attributes.u"),
+    (b'{"profileId": "p", "identityMap": {"ecid": [{"id": "e1", "crmKey": %d}]}}' % WIDE,
+     "identityMap.ecid[0].crmKey"),
+    (b'{"profileId": "p", "identityMap": {"ecid": [{"id": "e1", "meta": {"n": [%d]}}]}}' % WIDE,
+     "identityMap.ecid[0].meta.n[0]"),
+])
+def test_an_integer_beyond_64_bits_is_rejected_with_where_it_is(db, line, where) -> None:
+    """orjson would decode it as a float, rounded: the line is refused, never stored so."""
+    result = ingest(db, [frag("before"), line, frag("after")])
+    assert (result.ingested, result.rejected) == (2, 1)
+    [rej] = result.rejections
+    assert rej.line == 2
+    assert rej.reason.startswith(f"{where} is an integer beyond 64 bits")
+    assert "send it as a string" in rej.reason
+    assert db.load_profiles(["p"]) == {}
+
+
+def test_integers_within_64_bits_floats_and_long_digit_strings_are_kept_exactly(db) -> None:
+    attributes = {"max": 2**64 - 1, "min": -(2**63), "big_float": 1e30, "neg_float": -9.3e18,
+                  "digits": str(WIDE), "note": f"code: {WIDE}"}
+    line = orjson.dumps(frag("p", attributes=attributes,
+                             identityMap={"ecid": [{"id": str(WIDE), "n": 2**64 - 1}]}))
+    assert b"%d" % WIDE in line  # a long digit run after a colon, inside a string
+    result = ingest(db, [line, b'{"profileId": "q", "attributes": {"f": 12345678901234567890123.5}}'])
+    assert (result.ingested, result.rejected) == (2, 0)
+    profiles = db.load_profiles(["p", "q"])
+    assert profiles["p"].attributes == attributes
+    assert type(profiles["p"].attributes["max"]) is int
+    assert profiles["p"].identity_map == {"ecid": [{"id": str(WIDE), "n": 2**64 - 1}]}
+    assert profiles["q"].attributes == {"f": 1.2345678901234568e22}  # a float literal stays one
+
+
+def test_an_integer_beyond_64_bits_through_the_command_line(tmp_path: Path) -> None:
+    """``profile-relay ingest`` reports the line, the path and the reason, keeps the rest."""
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        "state: relay.db\nsegments: [{id: seg-a}]\n"
+        "destinations: [{name: d, endpoint: 'http://127.0.0.1:9/x'}]\n"
+        "dataflows: [{name: f, destination: d, segments: [seg-a], attributes: [crmId]}]\n")
+    data = tmp_path / "in.ndjson"
+    data.write_bytes(to_lines([
+        frag("ok", attributes={"crmId": 2**64 - 1}),
+        b'{"profileId": "wide-attr", "attributes": {"crmId": %d}}' % WIDE,
+        b'{"profileId": "wide-id", "identityMap": {"crm": [{"id": "c", "num": %d}]}}' % WIDE,
+    ]))
+    result = CliRunner().invoke(app, ["ingest", "-c", str(config), str(data)])
+    assert result.exit_code == 1, result.output
+    assert f"{data}:2: attributes.crmId is an integer beyond 64 bits" in result.stderr
+    assert f"{data}:3: identityMap.crm[0].num is an integer beyond 64 bits" in result.stderr
+    assert "ingested 1, rejected 2" in result.stdout
+    store = open_store(tmp_path / "relay.db")
+    try:
+        assert set(store.load_profiles(["ok", "wide-attr", "wide-id"])) == {"ok"}
+        assert store.load_profiles(["ok"])["ok"].attributes == {"crmId": 2**64 - 1}
+    finally:
+        store.close()
+
+
+# --- batches, groups and the line reader -----------------------------------------------------
+
+
+def test_a_batch_is_one_transaction_across_its_groups(db, monkeypatch) -> None:
+    import tasks.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "GROUP_LINES", 2)
+    db.db.conn.execute("CREATE TRIGGER poison BEFORE INSERT ON changes WHEN "
+                       "NEW.profile_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned row'); END")
+    seg = {"segmentMembership": {"ups": {"seg-a": {"status": "realized"}}}}
+    items = [frag(f"a-{i}", attributes={"i": i}, **seg) for i in range(6)]       # batch 1
+    items += [frag("b-0", attributes={"x": 1}), frag("b-1"), frag("a-0", attributes={"j": 1}),
+              frag("b-3"), frag("poison"), frag("b-5")]                          # batch 2
+    with pytest.raises(sqlite3.IntegrityError, match="poisoned row"):
+        ingest(db, items, batch_lines=6)
+    # batch 1's three groups are in; nothing of batch 2's first two groups either
+    assert sorted(db.load_profiles([f"a-{i}" for i in range(6)] + ["b-0", "b-1", "b-3"])) == [
+        f"a-{i}" for i in range(6)]
+    assert attrs_of(db, "a-0") == {"i": 0}
+    assert [r["profile_id"] for r in changes(db)] == [f"a-{i}" for i in range(6)]
+    assert db.db.conn.execute("SELECT count(*) FROM profile_segments").fetchone()[0] == 6
+
+
+def test_a_profile_in_several_groups_of_a_batch_merges_in_order(db, monkeypatch) -> None:
+    import tasks.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "GROUP_LINES", 3)
+    items = [frag("p-1", attributes={"n": i, f"k{i}": i}, identityMap={"e": [{"id": str(i % 4)}]},
+                  segmentMembership={"ups": {"seg-a": {"status": ["realized", "exited"][i % 2]},
+                                             f"seg-{'bc'[i % 2]}": {"status": "existing"}}})
+             for i in range(11)]
+    result = ingest(db, items)
+    assert result.ingested == 11
+    profile = db.load_profiles(["p-1"])["p-1"]
+    assert profile.attributes == {"n": 10, **{f"k{i}": i for i in range(11)}}
+    assert [e["id"] for e in profile.identity_map["e"]] == ["0", "1", "2", "3"]
+    assert {s: v[0] for s, v in profile.segments.items()} == {
+        "seg-a": "realized", "seg-b": "existing", "seg-c": "existing"}
+    assert db.db.conn.execute("SELECT qualified FROM profiles").fetchone()[0] == (
+        "\nseg-a\nseg-b\nseg-c\n")
+    assert [c["identity_changed"] for c in changes(db)] == [1, 1, 1, 1] + [0] * 7
+    assert profile.last_seq == changes(db)[-1]["seq"] == result.last_seq
+
+
+def test_groups_are_parsed_only_as_the_store_takes_them(db, monkeypatch) -> None:
+    """What is decoded at once is a group: the next group's lines are parsed after the
+    store has written the previous one."""
+    import tasks.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "GROUP_LINES", 4)
+    parsed: list[int] = []
+    real_parse = ingest_module.parse_fragment
+
+    def counting(*args: Any) -> Any:
+        parsed.append(1)
+        return real_parse(*args)
+
+    monkeypatch.setattr(ingest_module, "parse_fragment", counting)
+    seen: list[tuple[int, int]] = []
+    real_append = db.append_change_groups
+
+    def append(groups: Any) -> int:
+        def watched() -> Any:
+            for group in groups:
+                seen.append((len(group), len(parsed)))
+                yield group
+        return real_append(watched())
+
+    monkeypatch.setattr(db, "append_change_groups", append)
+    ingest(db, [frag(f"p-{i}") for i in range(10)], batch_lines=100)
+    assert seen == [(4, 4), (4, 8), (2, 10)]
+
+
+TRICKY = (b'{"profileId": "p-1", "attributes": {"a": 1}}\r\n'
+          b"\n"
+          b'{"profileId": "p-2", "attributes": {"s": "' + b"x" * 40 + b'"}}\n'
+          b"   \n"
+          b'{"profileId": "p-big", "attributes": {"blob": "' + b"y" * 300 + b'"}}\n'
+          b"garbage\n"
+          b'{"profileId": "p-1", "attributes": {"b": 2}}\n'
+          b'{"profileId": "p-3"}')  # no line feed at the end
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 20])
+def test_lines_are_the_same_whatever_the_read_block(tmp_path: Path, monkeypatch, block: int) -> None:
+    import tasks.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "READ_BLOCK", block)
+    monkeypatch.setattr(ingest_module, "MAX_LINE_BYTES", 200)
+    store = open_store(tmp_path / "store.db")
+    progress: list[int] = []
+    try:
+        result = ingest_stream(store, io.BytesIO(TRICKY), "t", CAT, on_progress=progress.append)
+        assert (result.ingested, result.rejected) == (4, 2)
+        big = len(TRICKY.split(b"\n")[4]) + 1
+        assert [r.line for r in result.rejections] == [5, 6]
+        assert result.rejections[0].reason.startswith(f"line is {big} bytes, over the 200")
+        assert result.rejections[1].reason.startswith("not valid JSON")
+        assert attrs_of(store, "p-1") == {"a": 1, "b": 2}
+        assert sorted(store.load_profiles(["p-1", "p-2", "p-3", "p-big"])) == ["p-1", "p-2", "p-3"]
+        assert sum(progress) == len(TRICKY) - len(b"\n" + b"   \n")
+    finally:
+        store.close()
+
+
+def test_a_batch_is_cut_by_bytes_as_well_as_lines(db, monkeypatch) -> None:
+    import tasks.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "BATCH_BYTES", 1000)
+    line = orjson.dumps(frag("p", attributes={"pad": "z" * 300}))
+    progress: list[int] = []
+    result = ingest(db, [line] * 10, on_progress=progress.append)
+    assert result.ingested == 10
+    assert progress == [3 * (len(line) + 1)] * 3 + [len(line) + 1]  # 3 lines reach 1,000 bytes
+
+
+@pytest.fixture(params=ENGINES)
+def any_store(request: pytest.FixtureRequest, tmp_path: Path):
+    """Every engine of the Store contract suite (``append_change_groups`` is a verb of it)."""
+    store = make_store(request.param, tmp_path, request)
+    yield store
+    store.close()
+
+
+def test_append_change_groups_is_one_transaction_taking_groups_in_turn(any_store) -> None:
+    def fragment(pid: str, **attrs: Any) -> Fragment:
+        return Fragment(pid, 7, attributes=attrs, paths=sorted(attrs),
+                        segments={"seg-a": ("realized", T0)})
+
+    taken: list[int] = []
+
+    def groups(fail: bool) -> Any:
+        for i, group in enumerate([[fragment("p-1", a=1), fragment("p-2", b=1)],
+                                   [], [fragment("p-1", c=1)]]):
+            taken.append(i)
+            yield group
+        if fail:
+            raise RuntimeError("the producer failed")
+
+    with pytest.raises(RuntimeError, match="producer failed"):
+        any_store.append_change_groups(groups(fail=True))
+    assert any_store.head_seq() == 0 and any_store.load_profiles(["p-1", "p-2"]) == {}
+    # the last seq written (PostgreSQL's sequence leaves the failed batch's seqs unused)
+    last = any_store.append_change_groups(groups(fail=False))
+    assert last == any_store.head_seq() and last >= 3
+    assert taken == [0, 1, 2] * 2
+    profiles = any_store.load_profiles(["p-1", "p-2"])
+    assert profiles["p-1"].attributes == {"a": 1, "c": 1} and profiles["p-1"].last_seq == last
+    assert profiles["p-2"].segments == {"seg-a": ("realized", T0)}
+    assert [r[1] for r in any_store.read_changes(0, 10)] == ["p-1", "p-2", "p-1"]
+    assert any_store.append_change_groups(iter([[], []])) == 0
