@@ -281,11 +281,11 @@ class ShardOf:
         self._shards = shards
 
     def claim_due(self, dataflow: str, now: int, limit: int,
-                  tried_before: int | None = None) -> list:
+                  tried_before: int | None = None, after_seq: int | None = None) -> list:
         from state import outbox
 
         return outbox.due(self._store.db, dataflow, now, limit, shards=self._shards,
-                          tried_before=tried_before)
+                          tried_before=tried_before, after_seq=after_seq)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
