@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 import flows  # noqa: F401  (first: Prefect's offline and start-up settings)
-from config import Config, ConfigError, identity_warnings, load_config
+from config import Config, ConfigError, config_location, identity_warnings, load_config
 from state.target import StateUnavailable, describe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -22,10 +22,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 out = Console(highlight=False, soft_wrap=True, emoji=False)
 
-ConfigOpt = Annotated[Path, typer.Option("-c", "--config", help="YAML config file")]
+ConfigOpt = Annotated[str, typer.Option(
+    "-c", "--config", help="YAML config file, or prefect-block://NAME (see config push)")]
 
 
-def _config(path: Path) -> Config:
+def _config(path: str) -> Config:
     """Validate the config the same way for every command; exit 2 when it is invalid."""
     try:
         return load_config(path)
@@ -138,7 +139,7 @@ def stream(config: ConfigOpt,
         _known_dataflow(cfg, dataflow)
     from flows.stream import stream_flow
 
-    _finish(_run(stream_flow(str(config.resolve()), dataflow, interval, once, run_seconds,
+    _finish(_run(stream_flow(config_location(config), dataflow, interval, once, run_seconds,
                              return_state=True)))
 
 
@@ -162,7 +163,7 @@ def backfill(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="data
         raise typer.Exit(2)
     from flows.backfill import backfill_flow
 
-    _finish(_run(backfill_flow(str(config.resolve()), dataflow, segment, return_state=True)))
+    _finish(_run(backfill_flow(config_location(config), dataflow, segment, return_state=True)))
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
@@ -212,7 +213,7 @@ def replay(config: ConfigOpt, dataflow: Annotated[str, typer.Option(help="datafl
     since_ms = parse_since(since) if since is not None else None
     from flows.replay import replay_flow
 
-    _finish(_run(replay_flow(str(config.resolve()), dataflow, since_ms, profile or None,
+    _finish(_run(replay_flow(config_location(config), dataflow, since_ms, profile or None,
                              return_state=True)))
 
 
@@ -391,6 +392,40 @@ def forget(config: ConfigOpt,
     if not done.wal_truncated:
         err.print("warning: another process was reading the store: its write-ahead log still "
                   "holds erased pages until the next checkpoint", markup=False)
+
+
+config_app = typer.Typer(no_args_is_help=True, help="A config kept in Prefect, for workers "
+                         "on any machine: push one, then run with -c prefect-block://NAME.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("push")
+def config_push(config: ConfigOpt,
+                name: Annotated[str, typer.Option(help="the block's name (letters, digits, -)")],
+                ) -> None:
+    """Validate a config file and store it in Prefect as a block (secrets stay references)."""
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        err.print(f"error: --name {name!r}: lowercase letters, digits and '-' only", markup=False)
+        raise typer.Exit(2)
+    cfg = _config(config)
+    if cfg.inline_secret_fields:  # stored in Prefect as plain text: refuse
+        err.print("error: a pushed config keeps secrets as references (${ENV_VAR} or a "
+                  "Prefect Secret block); written inline: "
+                  + ", ".join(cfg.inline_secret_fields), markup=False)
+        raise typer.Exit(2)
+    from config.blocks import push_config_text
+
+    text = Path(config).read_text(encoding="utf-8")
+    try:
+        push_config_text(name, text, config_location(config))
+    except Exception as exc:  # the server's errors vary; one line, no traceback
+        err.print(f"error: cannot store the config in Prefect ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''})", markup=False)
+        raise typer.Exit(1) from None
+    out.print(f"pushed {config} as prefect-block://{name} ({len(cfg.dataflows)} dataflow(s)); "
+              f"run with -c prefect-block://{name}", markup=False)
 
 
 dataflows_app = typer.Typer(no_args_is_help=True, help="Stored dataflows: drop a removed "
@@ -617,7 +652,7 @@ def serve(config: ConfigOpt,
                   f"'{replay_cron}'; Ctrl-C stops", markup=False)
 
     try:
-        serve_deployments(config.resolve(), cfg, interval, run_seconds, replay_cron,
+        serve_deployments(config_location(config), cfg, interval, run_seconds, replay_cron,
                           on_ready=ready, echo=lambda text: err.print(text, markup=False),
                           server_port=prefect_port)
     except ServerError as exc:

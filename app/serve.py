@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from config import Config
+from config import Config, config_location
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -73,7 +73,7 @@ def replay_deployment_name(config: Config, dataflow: str) -> str:
     return "replay" if len(config.dataflows) == 1 else f"replay-{dataflow}"
 
 
-def build_deployments(config_path: Path, config: Config, interval: float = 2.0,
+def build_deployments(config_path: str, config: Config, interval: float = 2.0,
                       run_seconds: float = 3600.0, replay_cron: str = REPLAY_CRON,
                       anchor: datetime | None = None) -> list[RunnerDeployment]:
     """The deployments ``serve`` runs: stream, backfill, one replay per dataflow.
@@ -87,7 +87,7 @@ def build_deployments(config_path: Path, config: Config, interval: float = 2.0,
     from flows.replay import replay_flow
     from flows.stream import stream_flow
 
-    path = str(config_path.resolve())
+    path = config_location(config_path)
     module = EntrypointType.MODULE_PATH  # works from an installed package, whatever the cwd
     anchor = anchor or datetime.now(UTC).replace(microsecond=0)
     deployments = [
@@ -334,7 +334,7 @@ def prefect_api(echo: Callable[[str], None] = print, server_port: int | None = N
                     proc.wait()
 
 
-def serve(config_path: Path, config: Config, interval: float = 2.0, run_seconds: float = 3600.0,
+def serve(config_path: str, config: Config, interval: float = 2.0, run_seconds: float = 3600.0,
           replay_cron: str = REPLAY_CRON,
           on_ready: Callable[[list[str]], None] | None = None,
           echo: Callable[[str], None] = print, server_port: int | None = None) -> None:
