@@ -84,37 +84,38 @@ async def test_the_breaker_pauses_probes_and_resumes(tmp_path, endpoint) -> None
 
 
 async def test_pause_and_resume_are_prefect_events(tmp_path, endpoint) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import (
-        EventFilter,
-        EventNameFilter,
-        EventOccurredFilter,
-        EventResourceFilter,
-    )
+    """Seen by a live subscription to the Prefect server's event stream (what an
+    automation is triggered from), opened before the runs."""
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
     config, db = store(tmp_path, endpoint.url, pause_after_failures=2, probe_seconds=0.2,
                        redeliver_after=[])
     flow_name = config.dataflows[0].name
-    started = datetime.now(UTC)
+    wanted = {"profile-relay.dataflow.paused", "profile-relay.dataflow.resumed"}
+    seen: dict[str, Any] = {}
+    subscribed = asyncio.Event()
+
+    async def listen() -> None:
+        async with get_events_subscriber(filter=EventFilter(
+                event=EventNameFilter(name=list(wanted)),
+                resource=EventResourceFilter(id=[f"profile-relay.dataflow.{flow_name}"]))
+        ) as subscriber:
+            subscribed.set()
+            async for event in subscriber:
+                seen[event.event] = event
+                if set(seen) == wanted:
+                    return
+
+    listener = asyncio.create_task(listen())
+    await asyncio.wait_for(subscribed.wait(), 30)
     ingest(db, config, *(fragment(f"p-{i}") for i in range(4)))
     endpoint.always(422)
     await relay(tmp_path, "stream", "--once")
     endpoint.reset()
     await asyncio.sleep(0.3)
     await relay(tmp_path, "stream", "--once")
-    wanted = {"profile-relay.dataflow.paused", "profile-relay.dataflow.resumed"}
-    seen: dict[str, Any] = {}
-    async with get_client() as client:
-        for _ in range(100):  # events reach the server asynchronously
-            page = await client.read_events(filter=EventFilter(
-                occurred=EventOccurredFilter(since=started),
-                event=EventNameFilter(name=list(wanted)),
-                resource=EventResourceFilter(id=[f"profile-relay.dataflow.{flow_name}"])),
-                limit=50)
-            seen = {e.event: e for e in page.events}
-            if set(seen) == wanted:
-                break
-            await asyncio.sleep(0.1)
+    await asyncio.wait_for(listener, 60)  # events reach the subscribers asynchronously
     assert set(seen) == wanted
     paused = seen["profile-relay.dataflow.paused"]
     assert paused.payload["after_failures"] == 2
