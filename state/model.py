@@ -4,6 +4,7 @@ this module imports nothing of the project."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -273,3 +274,14 @@ def deep_merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
                     target[key] = fresh
         else:
             target[key] = value
+
+
+def newest_per_profile(entries: Iterable[FailedEntry]) -> dict[str, FailedEntry]:
+    """Each profile's newest failed-store entry (highest seq, then the later entry): the one
+    a replay or a redelivery re-queues."""
+    newest: dict[str, FailedEntry] = {}
+    for entry in entries:
+        held = newest.get(entry.profile_id)
+        if held is None or (entry.seq, entry.id) > (held.seq, held.id):
+            newest[entry.profile_id] = entry
+    return newest

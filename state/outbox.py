@@ -18,6 +18,7 @@ from state.model import (
     DeliveryRecord,
     FailedEntry,
     Pending,
+    newest_per_profile,
 )
 
 
@@ -213,11 +214,7 @@ def requeue(db: sqlite_utils.Database, dataflow: str, entries: Sequence[FailedEn
     failed), else a replay by hand (the schedule starts again). Returns (re-queued,
     superseded)."""
     now = now_ms()
-    newest: dict[str, FailedEntry] = {}
-    for entry in entries:
-        held = newest.get(entry.profile_id)
-        if held is None or (entry.seq, entry.id) > (held.seq, held.id):
-            newest[entry.profile_id] = entry
+    newest = newest_per_profile(entries)
     with write_txn(db) as conn:
         pids = orjson.dumps(list(newest)).decode()
         state = dict(conn.execute(

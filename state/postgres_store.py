@@ -83,6 +83,7 @@ from state.model import (
     deep_merge,
     leaf_paths,
     merge_identities,
+    newest_per_profile,
 )
 from state.pg_schema import MIGRATIONS
 from state.stats import DataflowStats
@@ -973,11 +974,7 @@ class PostgresStore:
         profile is gone, already queued, or its current state delivered; all read inside
         the transaction."""
         now = now_ms()
-        newest: dict[str, FailedEntry] = {}
-        for entry in entries:
-            held = newest.get(entry.profile_id)
-            if held is None or (entry.seq, entry.id) > (held.seq, held.id):
-                newest[entry.profile_id] = entry
+        newest = newest_per_profile(entries)
         params = {**_keys(newest), "flow": dataflow}
         with self._txn(probe=True) as cur:
             cur.execute(XACT_LOCK_SHARED, self._lock("erase"))
