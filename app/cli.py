@@ -132,15 +132,41 @@ def stream(config: ConfigOpt,
            interval: Annotated[float, typer.Option(help="at most this many seconds between passes; new changes start one sooner")] = 2.0,
            once: Annotated[bool, typer.Option("--once", help="one whole pass, then exit")] = False,
            run_seconds: Annotated[float, typer.Option(help="end the run after this long")] = 3600.0,
+           group: Annotated[int, typer.Option(help="with --groups: the shard group this run owns (from 0)")] = 0,
+           groups: Annotated[int | None, typer.Option(help="split each dataflow's shards into this many groups (PostgreSQL state)")] = None,
            ) -> None:
     """Run the stream flow: poll for changes, export and deliver."""
     cfg = _config(config)
     if dataflow is not None:
         _known_dataflow(cfg, dataflow)
+    if groups is not None and not 0 <= group < groups <= 256:
+        err.print(f"error: --group {group} --groups {groups}: want 0 <= group < groups <= 256",
+                  markup=False)
+        raise typer.Exit(2)
     from flows.stream import stream_flow
 
     _finish(_run(stream_flow(config_location(config), dataflow, interval, once, run_seconds,
-                             return_state=True)))
+                             group, groups, return_state=True)))
+
+
+@app.command()
+def supervise(config: ConfigOpt,
+              groups: Annotated[int, typer.Option(help="shard groups per dataflow (1 to 256)")],
+              deployment: Annotated[str, typer.Option(help="the stream deployment the group runs start from")] = "profile-relay-stream/stream-group",
+              interval: Annotated[float, typer.Option(help="seconds between two looks at the leases")] = 2.0,
+              run_seconds: Annotated[float, typer.Option(help="end after this long")] = 3600.0,
+              group_run_seconds: Annotated[float, typer.Option(help="each group run ends after this long (and is replaced)")] = 3600.0,
+              ) -> None:
+    """Keep N shard-group stream runs alive on a Prefect work pool (PostgreSQL state)."""
+    _config(config)
+    if not 1 <= groups <= 256:
+        err.print(f"error: --groups {groups}: want 1 to 256", markup=False)
+        raise typer.Exit(2)
+    from flows.supervise import supervise_flow
+
+    _finish(_run(supervise_flow(config_location(config), groups, deployment, interval,
+                                run_seconds, group_run_seconds=group_run_seconds,
+                                return_state=True)))
 
 
 def _known_dataflow(cfg: Config, name: str) -> None:

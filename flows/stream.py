@@ -4,7 +4,12 @@ task run) for each dataflow with work, then ends itself after ``run_seconds`` so
 deployment's schedule starts the next run. Empty polls make no task
 run. A run owns its dataflows through a lease in the store: a second run started while
 the first is alive waits for it to end (a schedule's hand-over), or gives up after
-``TAKEOVER_WAIT_SECONDS`` without doing anything."""
+``TAKEOVER_WAIT_SECONDS`` without doing anything.
+
+With ``group`` and ``groups`` (PostgreSQL state; ``profile-relay supervise`` starts them)
+the run owns one range of every dataflow's shards instead (``tasks.groups``): it decides
+and sends only those, under a lease of a few seconds renewed in the background, and ends
+when the lease is lost or ``supervise`` changes the number of groups."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from state.db import now_ms
 from state.leases import owner_id
 from tasks import lifecycle, pipeline
 from tasks.flow_tasks import dispatch
+from tasks.groups import Groups, GroupsNeedPostgres, lease_lost
 from tasks.pipeline import PassResult
 from tasks.report import ExportsFailed, publish_stream_summary, report_failures
 
@@ -32,13 +38,16 @@ LEASE_GROUP = 0  # one process streams a dataflow on one machine: a single shard
 def _run_name() -> str:
     params = runtime.flow_run.parameters
     what = params.get("dataflow") or "all dataflows"
+    if params.get("groups"):
+        what += f" group {params.get('group', 0)}/{params['groups']}"
     how = "once" if params.get("once") else f"{params.get('run_seconds', 3600):g} s"
     return f"stream {what} {time.strftime('%H:%M:%S', time.gmtime())}Z ({how})"
 
 
 @flow(name="profile-relay-stream", flow_run_name=_run_name, log_prints=False)
 async def stream_flow(config_path: str, dataflow: str | None = None, interval: float = 2.0,
-                      once: bool = False, run_seconds: float = 3600.0) -> State:
+                      once: bool = False, run_seconds: float = 3600.0,
+                      group: int = 0, groups: int | None = None) -> State:
     """Poll the change log, decide exports and deliver them.
 
     Args:
@@ -50,6 +59,9 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
         once: one whole pass (new mappings backfilled, changes decided, every export
             delivered or in the failed store), then end.
         run_seconds: end the run after this long, so the schedule starts the next one.
+        group: with ``groups``, which range of the shards this run owns (0 to groups - 1).
+        groups: split each dataflow's 256 shards into this many groups (PostgreSQL state);
+            empty: one run streams everything.
     """
     logger = get_run_logger()
     config = load_config(config_path)
@@ -60,7 +72,19 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     flows_ = config.select_dataflows(dataflow)
     owner = owner_id(str(runtime.flow_run.id or uuid.uuid4()))
     ttl_ms = int(max(30.0, 3 * interval) * 1000)
-    if not once and not await _take_leases(store, [f.name for f in flows_], owner, ttl_ms):
+    shard_groups = None
+    if groups:
+        try:
+            shard_groups = Groups.plan(store, [f.name for f in flows_], group, groups, owner)
+        except (GroupsNeedPostgres, ValueError) as exc:
+            return Failed(message=str(exc))
+        if not await shard_groups.take(TAKEOVER_WAIT_SECONDS):
+            return Completed(message=f"group {group} of {groups}: its shards are held by "
+                                     "another live run; nothing to do")
+        logger.info("streaming group %d of %d (%s)", group, groups, ", ".join(
+            s.name for s in shard_groups.scopes.values()))
+        renewer = asyncio.create_task(shard_groups.keep_renewed(logger))
+    elif not once and not await _take_leases(store, [f.name for f in flows_], owner, ttl_ms):
         return Completed(message="another stream run owns these dataflows; nothing to do")
     totals = {f.name: PassResult() for f in flows_}
     started, started_ms = time.monotonic(), now_ms()
@@ -74,19 +98,36 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     if late >= run_seconds / 2:  # started long after its tick (a worker was down): a full run
         late = 0.0
     ends_at = started + run_seconds - late
+    stopped: str | None = None
     try:
         while True:
             tick = time.monotonic()
             seen_head = store.head_seq()
             for flow_ in flows_:
-                if once or pipeline.has_work(store, flow_):
-                    await dispatch(store, config, flow_, totals[flow_.name], settle=once)
-            lifecycle.upkeep(store, config, logger)  # removed dataflows; retention, in batches
+                st = shard_groups.view(flow_.name) if shard_groups else store
+                if once or pipeline.has_work(st, flow_):
+                    try:
+                        await dispatch(st, config, flow_, totals[flow_.name], settle=once)
+                    except Exception as exc:
+                        if (lost := lease_lost(exc)) is None:
+                            raise
+                        stopped = str(lost)
+                        break
+            if stopped or (shard_groups and shard_groups.lost):
+                logger.warning("%s; this run stops, changing nothing more",
+                               stopped or shard_groups.lost)  # type: ignore[union-attr]
+                break
+            if shard_groups is None or shard_groups.leads:
+                lifecycle.upkeep(store, config, logger)  # removed dataflows; retention
             now = time.monotonic()
             if once or now >= ends_at:
                 break
-            if not once and not all(store.acquire_lease(f.name, LEASE_GROUP, owner, ttl_ms)
-                                    for f in flows_):
+            if shard_groups is not None:
+                if handover := shard_groups.handover():
+                    logger.info("%s: handing over", handover)
+                    break
+            elif not once and not all(store.acquire_lease(f.name, LEASE_GROUP, owner, ttl_ms)
+                                      for f in flows_):
                 logger.warning("lost the lease of the stream (a newer run owns it); ending")
                 break
             if now - last_summary >= SUMMARY_EVERY_SECONDS:
@@ -95,7 +136,11 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
             await pipeline.wait_for_changes(store, seen_head, until=min(tick + interval, ends_at),
                                             earliest=tick + pipeline.MIN_PASS_GAP_SECONDS)
     finally:
-        if not once:
+        if shard_groups is not None:
+            renewer.cancel()
+            if not shard_groups.lost:
+                shard_groups.release()
+        elif not once:
             for flow_ in flows_:
                 store.release_lease(flow_.name, LEASE_GROUP, owner)
     await publish_stream_summary(store, config, flows_, totals, started_ms)

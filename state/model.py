@@ -186,6 +186,56 @@ class CursorMoved(RuntimeError):
     read again, so nothing is queued twice."""
 
 
+class LeaseLost(RuntimeError):
+    """A shard group's lease has another owner now (or is gone): the run that held it must
+    change nothing more, and ends. Raised by every write of a group-scoped store."""
+
+
+SHARD_COUNT = 256  # as state.db.SHARDS; a group is a contiguous range of them
+RANGE_LEASES = 1_000_000  # lease groups from here on are shard ranges (ShardScope.lease_group)
+
+
+@dataclass
+class ShardScope:
+    """What a shard-group run owns: shards ``lo`` to ``hi`` (inclusive) of one dataflow,
+    under the lease ``epoch`` it was granted. ``share`` is its part of the dataflow's rate
+    limit, and ``valid_until`` (``time.monotonic()``) when its lease may have run out
+    unless renewed: past it, no request is sent (a run frozen and then thawed after a
+    takeover must not send an old state after the new owner sent a newer one)."""
+
+    dataflow: str
+    lo: int
+    hi: int
+    owner: str
+    epoch: int = 0
+    share: float = 1.0
+    valid_until: float = float("inf")
+
+    @classmethod
+    def of_group(cls, dataflow: str, index: int, count: int, owner: str) -> ShardScope:
+        """Group ``index`` of ``count`` equal ranges of the shards."""
+        if not 1 <= count <= SHARD_COUNT or not 0 <= index < count:
+            raise ValueError(f"group {index} of {count}: want 0 <= group < groups <= "
+                             f"{SHARD_COUNT}")
+        return cls(dataflow, index * SHARD_COUNT // count,
+                   (index + 1) * SHARD_COUNT // count - 1, owner)
+
+    @property
+    def lease_group(self) -> int:
+        """The lease row's key: one per range. (Below ``RANGE_LEASES``: plain leases, such
+        as group 0, the whole dataflow's, held by a stream run on one machine.)"""
+        return RANGE_LEASES + self.lo * SHARD_COUNT + self.hi
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataflow}[{self.lo}-{self.hi}]"
+
+    @property
+    def leads(self) -> bool:
+        """The group of shard 0 also runs the dataflow's backfills and the store's upkeep."""
+        return self.lo == 0
+
+
 def iso_utc(moment: datetime) -> str:
     # isoformat, not strftime: glibc's %Y does not zero-pad years before 1000
     return moment.astimezone(UTC).isoformat(timespec="seconds")[:-6] + "Z"

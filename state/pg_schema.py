@@ -182,4 +182,24 @@ MIGRATIONS: list[str] = [
         next_probe_at bigint
     )
     """,
+    # 3: shard groups. A lease covers a range of shards (the one-process stream's lease,
+    # group 0, covers them all); each shard keeps its own cursor, so groups of any size
+    # read on from where the shards' last owners stopped (``dataflows.cursor`` stays the
+    # lowest of them, for pruning and figures); ``shard_layouts`` is the number of groups
+    # ``supervise`` runs, which a group of another layout reads as its cue to hand over.
+    """
+    ALTER TABLE leases ADD COLUMN lo smallint NOT NULL DEFAULT 0;
+    ALTER TABLE leases ADD COLUMN hi smallint NOT NULL DEFAULT 255;
+    CREATE TABLE shard_cursors (
+        dataflow text COLLATE "C" NOT NULL,
+        shard smallint NOT NULL,
+        seq bigint NOT NULL,
+        PRIMARY KEY (dataflow, shard)
+    );
+    CREATE TABLE shard_layouts (
+        dataflow text COLLATE "C" PRIMARY KEY,
+        groups integer NOT NULL,
+        updated_at bigint NOT NULL
+    )
+    """,
 ]

@@ -53,6 +53,7 @@ embedded SQLite default does not need it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -65,7 +66,9 @@ from state.db import now_ms, shard_of
 from state.erase import DROP_KINDS, FORGET_KINDS
 from state.leases import _gone as owner_gone
 from state.model import (
+    RANGE_LEASES,
     REMAP_BACKFILL,
+    SHARD_COUNT,
     SKIP_DELIVERED,
     Attempt,
     Backfill,
@@ -76,7 +79,9 @@ from state.model import (
     FailedEntry,
     Forgotten,
     Fragment,
+    LeaseLost,
     Pending,
+    ShardScope,
     StoredDataflow,
     StoredProfile,
     SyncResult,
@@ -104,6 +109,7 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
 LOCK_NS = 0x52454C41      # "migrate", "ingest", "erase": the store-wide locks
 SEND_NS = 0x52454C42      # a dataflow's sender (lock_sending)
 DATAFLOW_NS = 0x52454C43  # a dataflow's registration (sync_dataflow)
+LEASE_NS = 0x52454C44     # a dataflow's leases, taken and renewed one at a time
 
 
 def _key32(*parts: str) -> int:
@@ -275,14 +281,16 @@ CLAIM_DUE = (
     "coalesce(d.delivered_seq, 0), o.redelivery, o.first_failed_at "
     "FROM outbox o LEFT JOIN dataflow_profiles d "
     "ON d.dataflow = o.dataflow AND d.shard = o.shard AND d.profile_id = o.profile_id "
-    "WHERE o.dataflow = %(flow)s AND {due} AND (%(tried)s::bigint IS NULL "
+    "WHERE o.dataflow = %(flow)s AND o.shard BETWEEN %(lo)s AND %(hi)s AND {due} "
+    "AND (%(tried)s::bigint IS NULL "
     "OR o.last_attempt_at IS NULL OR o.last_attempt_at < %(tried)s::bigint) "
     "ORDER BY o.seq LIMIT %(limit)s")
 CLAIM_FRESH = CLAIM_DUE.format(
     due="o.next_attempt_at = 0 AND (%(after)s::bigint IS NULL OR o.seq > %(after)s)")
 CLAIM_RETRIES = CLAIM_DUE.format(due="o.next_attempt_at > 0 AND o.next_attempt_at <= %(now)s")
-PENDING_COUNT = "SELECT count(*) FROM outbox WHERE dataflow = %s"
-NEXT_DUE = "SELECT min(next_attempt_at) FROM outbox WHERE dataflow = %s"
+PENDING_COUNT = "SELECT count(*) FROM outbox WHERE dataflow = %s AND shard BETWEEN %s AND %s"
+NEXT_DUE = ("SELECT min(next_attempt_at) FROM outbox WHERE dataflow = %s "
+            "AND shard BETWEEN %s AND %s")
 CLOSE_EXPORTS = (
     "DELETE FROM outbox o USING stage_outcomes s WHERE s.kind IN ('delivered', 'failed', "
     "'skipped') AND o.dataflow = %s AND o.shard = s.shard AND o.profile_id = s.profile_id "
@@ -328,7 +336,8 @@ OPEN_FAILURES = (
     "AND (%(pids)s::text[] IS NULL OR profile_id = ANY(%(pids)s::text[])) ORDER BY id")
 DUE_REDELIVERIES = (
     FAILED_COLUMNS + "WHERE dataflow = %s AND state = 'failed' AND next_redelivery_at IS NOT "
-    "NULL AND next_redelivery_at <= %s ORDER BY next_redelivery_at LIMIT %s")
+    "NULL AND next_redelivery_at <= %s AND shard BETWEEN %s AND %s "
+    "ORDER BY next_redelivery_at LIMIT %s")
 HISTORY = (
     "SELECT * FROM (SELECT delivered_at, seq, 'delivered', status, attempts, idempotency_key, "
     "NULL::text FROM deliveries WHERE shard = %(shard)s AND profile_id = %(pid)s AND dataflow = "
@@ -361,16 +370,48 @@ RESOLVE_FAILURES = (
     "UPDATE failed_requests f SET state = r.state, resolved_at = %s "
     "FROM unnest(%s::bigint[], %s::text[]) AS r(id, state) WHERE f.id = r.id")
 
-LEASE_ROW = ("SELECT owner, expires_at > " + NOW_MS + " FROM leases "
-             "WHERE dataflow = %s AND grp = %s")
+LEASES_OF = ("SELECT grp, owner, epoch, expires_at > " + NOW_MS + ", lo, hi FROM leases "
+             "WHERE dataflow = %s")
+RENEW_LEASE = ("UPDATE leases SET expires_at = " + NOW_MS + " + %s WHERE dataflow = %s "
+               "AND grp = %s AND owner = %s")
 TAKE_LEASE = (
-    "INSERT INTO leases (dataflow, grp, owner, epoch, expires_at) "
-    "VALUES (%(flow)s, %(grp)s, %(owner)s, 1, " + NOW_MS + " + %(ttl)s) "
-    "ON CONFLICT (dataflow, grp) DO UPDATE SET owner = excluded.owner, "
-    "epoch = leases.epoch + CASE WHEN leases.owner = excluded.owner THEN 0 ELSE 1 END, "
-    "expires_at = excluded.expires_at "
-    "WHERE leases.owner = excluded.owner OR leases.expires_at <= " + NOW_MS + " "
-    "OR leases.owner = %(gone)s RETURNING epoch")
+    "INSERT INTO leases (dataflow, grp, owner, epoch, expires_at, lo, hi) "
+    "VALUES (%(flow)s, %(grp)s, %(owner)s, %(epoch)s, " + NOW_MS + " + %(ttl)s, %(lo)s, %(hi)s) "
+    "ON CONFLICT (dataflow, grp) DO UPDATE SET owner = excluded.owner, epoch = excluded.epoch, "
+    "expires_at = excluded.expires_at, lo = excluded.lo, hi = excluded.hi")
+DROP_LEASES = "DELETE FROM leases WHERE dataflow = %s AND grp = ANY(%s)"
+# a group's writes run only while its lease row still names it with its epoch; FOR SHARE
+# makes a takeover (which updates or deletes the row) wait for them to commit
+FENCE = ("SELECT 1 FROM leases WHERE dataflow = %s AND grp = %s AND owner = %s "
+         "AND epoch = %s FOR SHARE")
+LIVE_GROUPS = ("SELECT count(*) FROM leases WHERE dataflow = %s AND grp >= %s "
+               "AND expires_at > " + NOW_MS)
+SET_LAYOUT = ("INSERT INTO shard_layouts (dataflow, groups, updated_at) VALUES (%s, %s, %s) "
+              "ON CONFLICT (dataflow) DO UPDATE SET groups = excluded.groups, "
+              "updated_at = excluded.updated_at")
+LAYOUT = "SELECT groups FROM shard_layouts WHERE dataflow = %s"
+LEASE_LIVE = ("SELECT expires_at > " + NOW_MS + " FROM leases WHERE dataflow = %s "
+              "AND grp = %s")
+# Shard cursors: missing ones start at the dataflow's cursor (the lowest of them once they
+# exist; a one-process stream's cursor before), and a group's shards are brought up to it
+# (a one-process stream may have run on since).
+ENSURE_SHARD_CURSORS = (
+    "INSERT INTO shard_cursors (dataflow, shard, seq) SELECT name, s, cursor FROM dataflows, "
+    "generate_series(0, 255) AS s WHERE name = %s ON CONFLICT (dataflow, shard) DO NOTHING")
+RAISE_SHARD_CURSORS = (
+    "UPDATE shard_cursors c SET seq = d.cursor FROM dataflows d WHERE d.name = c.dataflow "
+    "AND c.dataflow = %s AND c.shard BETWEEN %s AND %s AND c.seq < d.cursor")
+GROUP_CURSOR = ("SELECT min(seq) FROM shard_cursors WHERE dataflow = %s "
+                "AND shard BETWEEN %s AND %s")
+READ_GROUP_CHANGES = (
+    "SELECT ch.seq, ch.profile_id, ch.committed_at, ch.attr_paths, ch.identity_changed, "
+    "ch.segments FROM changes ch JOIN shard_cursors c ON c.dataflow = %(flow)s "
+    "AND c.shard = ch.shard WHERE ch.seq > %(after)s AND ch.shard BETWEEN %(lo)s AND %(hi)s "
+    "AND ch.seq > c.seq ORDER BY ch.seq LIMIT %(limit)s")
+ADVANCE_SHARD_CURSORS = ("UPDATE shard_cursors SET seq = greatest(seq, %s) WHERE dataflow = %s "
+                         "AND shard BETWEEN %s AND %s")
+LOWEST_SHARD_CURSOR = ("UPDATE dataflows SET cursor = (SELECT min(seq) FROM shard_cursors "
+                       "WHERE dataflow = %s) WHERE name = %s")
 HOLDS_LEASE = ("SELECT epoch = %s AND expires_at > " + NOW_MS + " FROM leases "
                "WHERE dataflow = %s AND grp = %s")
 RELEASE_LEASE = "UPDATE leases SET expires_at = 0 WHERE dataflow = %s AND grp = %s AND owner = %s"
@@ -477,6 +518,8 @@ class PostgresStore:
     def __init__(self, url: str, *, pool_max: int = POOL_MAX) -> None:
         self.url = url
         self.target = redact(url)
+        self.scope: ShardScope | None = None
+        self._horizon: tuple[int, int] | None = None
         try:
             import psycopg
             from psycopg_pool import ConnectionPool
@@ -512,6 +555,56 @@ class PostgresStore:
         except Exception:
             return False
         return True
+
+    # -- shard groups ---------------------------------------------------------------------------
+
+    def scoped(self, scope: ShardScope) -> PostgresStore:
+        """This store seen by a shard group: the same pool, but the change log, the cursor,
+        the outbox and the redeliveries of ``scope``'s shards only, every write fenced by
+        its lease, and the sender's lock and backfills per group (only the group of shard
+        0 runs backfills). The pipeline runs on it unchanged."""
+        view = copy.copy(self)
+        view.scope, view._horizon = scope, None
+        return view
+
+    def _range(self) -> tuple[int, int]:
+        return (0, SHARD_COUNT - 1) if self.scope is None else (self.scope.lo, self.scope.hi)
+
+    def _fence(self, cur: Any) -> None:
+        """In a write transaction of a group: go on only while the lease is still ours."""
+        sc = self.scope
+        if sc is not None and cur.execute(FENCE, (sc.dataflow, sc.lease_group, sc.owner,
+                                                  sc.epoch)).fetchone() is None:
+            raise LeaseLost(f"{sc.name}: the lease of epoch {sc.epoch} is no longer held "
+                            f"by this run")
+
+    def take_group(self, scope: ShardScope, ttl_ms: int) -> bool:
+        """Take or renew ``scope``'s lease (its epoch is set); False while a live lease of
+        another owner covers any of its shards."""
+        epoch = self._take_lease(scope.dataflow, scope.lease_group, scope.lo, scope.hi,
+                                 scope.owner, ttl_ms)
+        if epoch is None:
+            return False
+        if scope.epoch and epoch != scope.epoch:
+            raise LeaseLost(f"{scope.name}: taken over (epoch {scope.epoch} -> {epoch})")
+        scope.epoch = epoch
+        return True
+
+    def live_groups(self, dataflow: str) -> int:
+        """How many shard groups of the dataflow hold a live lease."""
+        return self._one(LIVE_GROUPS, (dataflow, RANGE_LEASES))
+
+    def set_layout(self, dataflow: str, groups: int) -> None:
+        """The number of groups ``supervise`` runs the dataflow in."""
+        with self._txn() as cur:
+            cur.execute(SET_LAYOUT, (dataflow, groups, now_ms()))
+
+    def layout(self, dataflow: str) -> int | None:
+        return self._one(LAYOUT, (dataflow,))
+
+    def lease_live(self, dataflow: str, group: int) -> bool:
+        """Whether someone holds that lease now (by the database's clock)."""
+        return bool(self._one(LEASE_LIVE, (dataflow, group)))
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -660,7 +753,30 @@ class PostgresStore:
         return self._one(HEAD_SEQ)
 
     def read_changes(self, after: int, limit: int) -> list[tuple]:
-        return self._rows(READ_CHANGES, (after, limit))
+        """A group reads its shards' changes only. Fewer than ``limit``: its shards have
+        nothing more up to the head seen before the read (under the ingest lock, every seq
+        below a visible one is visible), so the next cursor advance goes that far (or this
+        one, when there is nothing): a group whose shards are quiet does not lag behind."""
+        if self.scope is None:
+            return self._rows(READ_CHANGES, (after, limit))
+        head = self.head_seq()
+        lo, hi = self._range()
+        rows = self._rows(READ_GROUP_CHANGES, {"flow": self.scope.dataflow, "after": after,
+                                               "lo": lo, "hi": hi, "limit": limit})
+        self._horizon = (after, head) if len(rows) < limit else None
+        if not rows and head > after:
+            with self._txn() as cur:
+                self._advance(cur, head)
+        return rows
+
+    def _advance(self, cur: Any, to: int) -> None:
+        """Move a group's shard cursors to ``to`` (fenced), and the dataflow's cursor to
+        the lowest shard cursor."""
+        self._fence(cur)
+        lo, hi = self._range()
+        name = self.scope.dataflow  # type: ignore[union-attr]
+        cur.execute(ADVANCE_SHARD_CURSORS, (to, name, lo, hi))
+        cur.execute(LOWEST_SHARD_CURSOR, (name, name))
 
     def memberships(self, profile_ids: Sequence[str],
                     segments: Sequence[str]) -> list[tuple[str, str, str]]:
@@ -751,7 +867,17 @@ class PostgresStore:
         return counts
 
     def cursor(self, dataflow: str) -> int:
-        value = self._one(CURSOR, (dataflow,))
+        """A group's cursor is the lowest of its shards' (their rows made on first read)."""
+        if self.scope is not None:
+            lo, hi = self._range()
+            value = self._one(GROUP_CURSOR, (dataflow, lo, hi))
+            if value is None:
+                with self._txn() as cur:
+                    cur.execute(ENSURE_SHARD_CURSORS, (dataflow,))
+                    cur.execute(RAISE_SHARD_CURSORS, (dataflow, lo, hi))
+                value = self._one(GROUP_CURSOR, (dataflow, lo, hi))
+        else:
+            value = self._one(CURSOR, (dataflow,))
         if value is None:
             raise KeyError(f"dataflow {dataflow!r} has not run yet")
         return value
@@ -776,7 +902,14 @@ class PostgresStore:
         now = now_ms()
         with self._txn(probe=True) as cur:
             cur.execute(XACT_LOCK_SHARED, self._lock("erase"))
-            if cursor_to is not None:
+            if self.scope is not None:
+                if cursor_to is not None:  # to the head the read saw, when it read it all
+                    read_all = self._horizon is not None and self._horizon[0] == cursor_from
+                    self._advance(cur, max(cursor_to, self._horizon[1]) if read_all
+                                  else cursor_to)  # type: ignore[index]
+                else:
+                    self._fence(cur)
+            elif cursor_to is not None:
                 cur.execute(MOVE_CURSOR, (cursor_to, dataflow, cursor_from))
                 if cur.rowcount != 1:
                     raise CursorMoved(dataflow)
@@ -822,6 +955,8 @@ class PostgresStore:
             return cur.execute(INSERT_BACKFILL, (dataflow, segment, reason, now_ms())).fetchone()[0]
 
     def open_backfills(self, dataflow: str) -> list[Backfill]:
+        if self.scope is not None and not self.scope.leads:
+            return []
         return [Backfill(*row) for row in self._rows(OPEN_BACKFILLS, (dataflow,))]
 
     def count_qualified(self, segments: Sequence[str]) -> int:
@@ -870,9 +1005,11 @@ class PostgresStore:
         the due index, merged by seq (as the SQLite store)."""
         if now < 0:
             return []
+        lo, hi = self._range()
         params = {"flow": dataflow, "now": now, "limit": limit, "tried": tried_before,
-                  "after": after_seq}
+                  "after": after_seq, "lo": lo, "hi": hi}
         with self._txn() as cur:
+            self._fence(cur)
             fresh = cur.execute(CLAIM_FRESH, params).fetchall()
             retries = cur.execute(CLAIM_RETRIES, params).fetchall()
         if retries:
@@ -880,10 +1017,10 @@ class PostgresStore:
         return [Pending(*row) for row in fresh]
 
     def pending_count(self, dataflow: str) -> int:
-        return self._one(PENDING_COUNT, (dataflow,))
+        return self._one(PENDING_COUNT, (dataflow, *self._range()))
 
     def next_due(self, dataflow: str) -> int | None:
-        return self._one(NEXT_DUE, (dataflow,))
+        return self._one(NEXT_DUE, (dataflow, *self._range()))
 
     def record_outcomes(self, dataflow: str, delivered: Sequence[Attempt],
                         retrying: Sequence[Attempt], failed: Sequence[Attempt],
@@ -908,6 +1045,7 @@ class PostgresStore:
                          p.first_attempt_at, p.change_at, p.redelivery, p.first_failed_at))
         with self._txn(probe=True) as cur:
             cur.execute(XACT_LOCK_SHARED, self._lock("erase"))
+            self._fence(cur)
             self._stage(cur, "stage_outcomes", rows)
             cur.execute(CLOSE_EXPORTS, (dataflow,))
             if skipped:
@@ -927,7 +1065,7 @@ class PostgresStore:
         """A session-level advisory lock on a dedicated connection (not a pooled one: the
         lock lives as long as the session). The server drops it when that connection
         ends, so a killed sender never leaves it held."""
-        key = (SEND_NS, _key32(self.schema, dataflow))
+        key = (SEND_NS, _key32(self.schema, dataflow if self.scope is None else self.scope.name))
         conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                      **self._conn_kwargs)
         try:
@@ -949,8 +1087,8 @@ class PostgresStore:
         return [FailedEntry(*row) for row in self._rows(OPEN_FAILURES, params)]
 
     def due_redeliveries(self, dataflow: str, now: int, limit: int) -> list[FailedEntry]:
-        return [FailedEntry(*row) for row in self._rows(DUE_REDELIVERIES,
-                                                        (dataflow, now, limit))]
+        return [FailedEntry(*row) for row in self._rows(
+            DUE_REDELIVERIES, (dataflow, now, *self._range(), limit))]
 
     def delivery_history(self, dataflow: str, profile_id: str,
                          limit: int = 100) -> list[DeliveryRecord]:
@@ -978,6 +1116,7 @@ class PostgresStore:
         params = {**_keys(newest), "flow": dataflow}
         with self._txn(probe=True) as cur:
             cur.execute(XACT_LOCK_SHARED, self._lock("erase"))
+            self._fence(cur)
             state = dict(cur.execute(LAST_SEQS, params).fetchall())
             delivered = dict(cur.execute(DELIVERED_SEQS, params).fetchall())
             queued = {pid for (pid,) in cur.execute(QUEUED, params)}
@@ -1005,14 +1144,38 @@ class PostgresStore:
     def acquire_lease(self, dataflow: str, group: int, owner: str, ttl_ms: int) -> int | None:
         """Take or renew the lease, judged by the database's clock: renewing keeps the
         epoch, taking over an expired lease (or one whose owner's process on this host has
-        exited) increments it. One upsert decides, so two takers cannot both win."""
+        exited) increments it. A plain lease is also refused while a shard group's lease
+        of the dataflow is live."""
+        return self._take_lease(dataflow, group, 0, SHARD_COUNT - 1, owner, ttl_ms)
+
+    def _take_lease(self, dataflow: str, group: int, lo: int, hi: int, owner: str,
+                    ttl_ms: int) -> int | None:
+        """One transaction under the dataflow's lease lock, so two takers cannot both win.
+        A lease conflicts with another of the same group, and a shard range's with every
+        lease whose shards overlap it. Taking over deletes the lapsed conflicting leases of
+        other groups, so their owners' fences fail from then on."""
+        ranged = group >= RANGE_LEASES
         with self._txn() as cur:
-            row = cur.execute(LEASE_ROW, (dataflow, group)).fetchone()
-            gone = row[0] if row is not None and row[0] != owner and row[1] \
-                and owner_gone(row[0]) else None
-            got = cur.execute(TAKE_LEASE, {"flow": dataflow, "grp": group, "owner": owner,
-                                           "ttl": ttl_ms, "gone": gone}).fetchone()
-        return None if got is None else got[0]
+            cur.execute(XACT_LOCK, (LEASE_NS, _key32(self.schema, dataflow)))
+            epoch, lapsed = 0, []
+            for grp, held_by, held_epoch, live, rlo, rhi in cur.execute(
+                    LEASES_OF, (dataflow,)).fetchall():
+                if grp == group and held_by == owner:
+                    cur.execute(RENEW_LEASE, (ttl_ms, dataflow, group, owner))
+                    return held_epoch
+                if grp != group and not ((ranged or grp >= RANGE_LEASES)
+                                         and rlo <= hi and lo <= rhi):
+                    continue  # no conflict
+                if live and not owner_gone(held_by):
+                    return None
+                epoch = max(epoch, held_epoch)
+                if grp != group:
+                    lapsed.append(grp)
+            if lapsed:
+                cur.execute(DROP_LEASES, (dataflow, lapsed))
+            cur.execute(TAKE_LEASE, {"flow": dataflow, "grp": group, "owner": owner,
+                                     "epoch": epoch + 1, "ttl": ttl_ms, "lo": lo, "hi": hi})
+            return epoch + 1
 
     def holds_lease(self, dataflow: str, group: int, epoch: int) -> bool:
         return bool(self._one(HOLDS_LEASE, (epoch, dataflow, group)))

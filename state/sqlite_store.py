@@ -21,6 +21,7 @@ from state.model import (
     Forgotten,
     Fragment,
     Pending,
+    ShardScope,
     StoredDataflow,
     StoredProfile,
     SyncResult,
@@ -29,6 +30,7 @@ from state.stats import DataflowStats
 
 
 class SqliteStore:
+    scope: ShardScope | None = None  # shard groups are PostgreSQL's (PostgresStore.scoped)
     """Each thread gets a connection of its own (opened on its first call), so outcomes
     can be recorded on a writer thread while the event loop's thread reads: one SQLite
     connection must never carry two threads' transactions at once."""

@@ -22,6 +22,7 @@ from state.model import (
     Forgotten,
     Fragment,
     Pending,
+    ShardScope,
     StoredDataflow,
     StoredProfile,
     SyncResult,
@@ -36,6 +37,9 @@ class SendLock(Protocol):
 
 
 class Store(Protocol):
+    scope: ShardScope | None
+    """The shard group this store is seen by (``PostgresStore.scoped``), else None."""
+
     # -- profiles and the change log ---------------------------------------------------
     def append_changes(self, fragments: Sequence[Fragment]) -> int:
         """Merge fragments, in order, and append one change each, in one transaction;

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from destinations.retry import RetryPolicy, Verdict
 from destinations.sender import Sender
 from state import Store
 from state.db import now_ms
-from state.model import Attempt, Pending, StoredProfile
+from state.model import Attempt, LeaseLost, Pending, ShardScope, StoredProfile
 from tasks.body import BodySpec, TemplateError, batch_key, fits, frame, idempotency_key, render
 from tasks.lifecycle import unsent_reason
 
@@ -88,6 +89,14 @@ class _DistinctMs:
 
 
 _batch_clock = _DistinctMs()
+
+
+def _still_held(scope: ShardScope | None) -> None:
+    """Before a request of a shard group: its lease has not run out unrenewed. A run frozen
+    (stopped, swapped out) past its lease must not send a state it claimed before the
+    takeover, after the new owner sent a newer one."""
+    if scope is not None and time.monotonic() > scope.valid_until:
+        raise LeaseLost(f"{scope.name}: lease not renewed in time; sending nothing more")
 
 
 def _unsent(item: Pending, sent_seq: int, key: str, error: str) -> tuple[str, Attempt]:
@@ -331,6 +340,7 @@ async def send_chunk(spec: BodySpec, policy: RetryPolicy, sender: Sender, bucket
         """The breaker tripped during this chunk: leave the rest queued."""
         return breaker is not None and not probing and breaker.paused
     slots = recorder.slots
+    scope = recorder.store.scope
     recorder.summary.sent += len(items)
 
     def judged(item: Pending, profile: StoredProfile, outcome: Outcome,
@@ -357,6 +367,7 @@ async def send_chunk(spec: BodySpec, policy: RetryPolicy, sender: Sender, bucket
                 recorder.add([_unsent(item, profile.last_seq, key, f"template: {exc}")])
             else:
                 await bucket.acquire()
+                _still_held(scope)
                 outcome = await sender.send(body, key, {SEQUENCE_HEADER: str(profile.last_seq)})
                 recorder.add([judged(item, profile, outcome, key)])
 
@@ -376,6 +387,7 @@ async def send_chunk(spec: BodySpec, policy: RetryPolicy, sender: Sender, bucket
                 body = frame(parts, spec)
                 del parts
                 await bucket.acquire()
+                _still_held(scope)
                 outcome = await sender.send(body, key, {BATCH_SIZE_HEADER: str(len(members))})
                 at = _batch_clock()
                 verdict, next_at = judge(outcome, members[0][0], at)

@@ -319,7 +319,8 @@ async def deliver(store: Store, config: Config, flow: Dataflow, *, wait_due: boo
         spec = body_spec(store, config, flow)
         breaker = Breaker.for_destination(store.breaker(flow.name), dest)
         async with Sender(dest) as sender:
-            bucket = TokenBucket(rate_limit_for(flow.name, dest))
+            share = store.scope.share if store.scope is not None else 1.0
+            bucket = TokenBucket(rate_limit_for(flow.name, dest, share))
             return await drain(store, flow.name, spec, policy, sender, bucket, dest.max_in_flight,
                                breaker)
     finally:

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import app, parse_since
+from tasks.report import config_tag
 from tests.relay_fixtures import FLOW, fragment, ingest, store
 
 pytestmark = pytest.mark.prefect
@@ -92,6 +93,7 @@ async def test_pause_and_resume_are_prefect_events(tmp_path, endpoint) -> None:
     config, db = store(tmp_path, endpoint.url, pause_after_failures=2, probe_seconds=0.2,
                        redeliver_after=[])
     flow_name = config.dataflows[0].name
+    tag = config_tag(config)
     wanted = {"profile-relay.dataflow.paused", "profile-relay.dataflow.resumed"}
     seen: dict[str, Any] = {}
     subscribed = asyncio.Event()
@@ -103,6 +105,8 @@ async def test_pause_and_resume_are_prefect_events(tmp_path, endpoint) -> None:
         ) as subscriber:
             subscribed.set()
             async for event in subscriber:
+                if event.resource.get("profile-relay.config") != tag:
+                    continue  # the same dataflow name in an earlier test's store
                 seen[event.event] = event
                 if set(seen) == wanted:
                     return
