@@ -51,7 +51,7 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- prefect.yaml -------------------------------------------------------------------------
 
-POOL_NAMES = {"stream-pool", "backfill-pool", "replay-pool"}
+POOL_NAMES = {"stream-pool", "backfill-pool", "replay-pool", "stream-group", "supervise-pool"}
 
 
 def prefect_doc() -> dict[str, Any]:
@@ -71,7 +71,7 @@ def entrypoint_function(entrypoint: str) -> Any:
     return import_object(entrypoint)
 
 
-def test_prefect_yaml_has_the_three_pool_deployments() -> None:
+def test_prefect_yaml_has_the_pool_deployments() -> None:
     doc = prefect_doc()
     assert doc["name"] == "profile-relay"
     assert str(doc["prefect-version"]).startswith("3.")
