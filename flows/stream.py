@@ -26,7 +26,7 @@ from state.db import now_ms
 from state.leases import owner_id
 from tasks import lifecycle, pipeline
 from tasks.flow_tasks import dispatch
-from tasks.groups import Groups, GroupsNeedPostgres, lease_lost
+from tasks.groups import Groups, lease_lost
 from tasks.pipeline import PassResult
 from tasks.report import ExportsFailed, publish_stream_summary, report_failures
 
@@ -76,7 +76,7 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     if groups:
         try:
             shard_groups = Groups.plan(store, [f.name for f in flows_], group, groups, owner)
-        except (GroupsNeedPostgres, ValueError) as exc:
+        except ValueError as exc:  # GroupsNeedPostgres, or no such group
             return Failed(message=str(exc))
         if not await shard_groups.take(TAKEOVER_WAIT_SECONDS):
             return Completed(message=f"group {group} of {groups}: its shards are held by "

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import sqlite_utils
 
+from state.model import SHARD_COUNT as SHARDS
 from state.schema import MIGRATIONS
 
-SHARDS = 256
 BUSY_TIMEOUT_MS = 60_000
 
 

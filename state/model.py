@@ -191,7 +191,7 @@ class LeaseLost(RuntimeError):
     change nothing more, and ends. Raised by every write of a group-scoped store."""
 
 
-SHARD_COUNT = 256  # as state.db.SHARDS; a group is a contiguous range of them
+SHARD_COUNT = 256  # profiles' shards (state.db.shard_of); a group is a contiguous range of them
 RANGE_LEASES = 1_000_000  # lease groups from here on are shard ranges (ShardScope.lease_group)
 
 

@@ -520,6 +520,7 @@ class PostgresStore:
         self.target = redact(url)
         self.scope: ShardScope | None = None
         self._horizon: tuple[int, int] | None = None
+        self._cursors_ready = False
         try:
             import psycopg
             from psycopg_pool import ConnectionPool
@@ -564,7 +565,7 @@ class PostgresStore:
         its lease, and the sender's lock and backfills per group (only the group of shard
         0 runs backfills). The pipeline runs on it unchanged."""
         view = copy.copy(self)
-        view.scope, view._horizon = scope, None
+        view.scope, view._horizon, view._cursors_ready = scope, None, False
         return view
 
     def _range(self) -> tuple[int, int]:
@@ -867,15 +868,18 @@ class PostgresStore:
         return counts
 
     def cursor(self, dataflow: str) -> int:
-        """A group's cursor is the lowest of its shards' (their rows made on first read)."""
+        """A group's cursor is the lowest of its shards'. On a view's first read the shard
+        cursors are made where missing and its own brought up to the dataflow's cursor
+        (see ``ENSURE_SHARD_CURSORS``), once the dataflow exists."""
         if self.scope is not None:
             lo, hi = self._range()
-            value = self._one(GROUP_CURSOR, (dataflow, lo, hi))
-            if value is None:
+            if not self._cursors_ready:
                 with self._txn() as cur:
+                    self._fence(cur)
                     cur.execute(ENSURE_SHARD_CURSORS, (dataflow,))
                     cur.execute(RAISE_SHARD_CURSORS, (dataflow, lo, hi))
-                value = self._one(GROUP_CURSOR, (dataflow, lo, hi))
+                    self._cursors_ready = cur.execute(CURSOR, (dataflow,)).fetchone() is not None
+            value = self._one(GROUP_CURSOR, (dataflow, lo, hi))
         else:
             value = self._one(CURSOR, (dataflow,))
         if value is None:

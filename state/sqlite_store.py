@@ -30,10 +30,11 @@ from state.stats import DataflowStats
 
 
 class SqliteStore:
-    scope: ShardScope | None = None  # shard groups are PostgreSQL's (PostgresStore.scoped)
     """Each thread gets a connection of its own (opened on its first call), so outcomes
     can be recorded on a writer thread while the event loop's thread reads: one SQLite
     connection must never carry two threads' transactions at once."""
+
+    scope: ShardScope | None = None  # shard groups are PostgreSQL's (PostgresStore.scoped)
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
