@@ -47,10 +47,11 @@ browser-deps: setup
 demo: setup
 	$(BIN)/profile-relay demo
 
-bench: setup
+bench: setup postgres-deps
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/diff.py
 	$(BIN)/python bench/dispatch.py
+	$(BIN)/python bench/groups.py
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache .ruff_cache *.egg-info

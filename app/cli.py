@@ -14,7 +14,9 @@ from rich.console import Console
 
 import flows  # noqa: F401  (first: Prefect's offline and start-up settings)
 from config import Config, ConfigError, config_location, identity_warnings, load_config
+from state.model import group_problem
 from state.target import StateUnavailable, describe
+from tasks.supervise import GROUP_DEPLOYMENT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stream customer profiles to HTTP endpoints.")
@@ -139,9 +141,8 @@ def stream(config: ConfigOpt,
     cfg = _config(config)
     if dataflow is not None:
         _known_dataflow(cfg, dataflow)
-    if groups is not None and not 0 <= group < groups <= 256:
-        err.print(f"error: --group {group} --groups {groups}: want 0 <= group < groups <= 256",
-                  markup=False)
+    if groups is not None and (problem := group_problem(groups, group)):
+        err.print(f"error: --{problem}", markup=False)
         raise typer.Exit(2)
     from flows.stream import stream_flow
 
@@ -152,15 +153,15 @@ def stream(config: ConfigOpt,
 @app.command()
 def supervise(config: ConfigOpt,
               groups: Annotated[int, typer.Option(help="shard groups per dataflow (1 to 256)")],
-              deployment: Annotated[str, typer.Option(help="the stream deployment the group runs start from")] = "profile-relay-stream/stream-group",
+              deployment: Annotated[str, typer.Option(help="the stream deployment the group runs start from")] = GROUP_DEPLOYMENT,
               interval: Annotated[float, typer.Option(help="seconds between two looks at the leases")] = 2.0,
               run_seconds: Annotated[float, typer.Option(help="end after this long")] = 3600.0,
               group_run_seconds: Annotated[float, typer.Option(help="each group run ends after this long (and is replaced)")] = 3600.0,
               ) -> None:
     """Keep N shard-group stream runs alive on a Prefect work pool (PostgreSQL state)."""
     _config(config)
-    if not 1 <= groups <= 256:
-        err.print(f"error: --groups {groups}: want 1 to 256", markup=False)
+    if problem := group_problem(groups):
+        err.print(f"error: --{problem}", markup=False)
         raise typer.Exit(2)
     from flows.supervise import supervise_flow
 

@@ -104,6 +104,7 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 class _Served:
     count = 0
+    delay = 0.0  # seconds before each answer: an endpoint with a fixed latency
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -136,14 +137,22 @@ class HttpProtocol(asyncio.Protocol):
             answered += 1
         if answered:
             _Served.count += answered
+            if _Served.delay:
+                asyncio.get_running_loop().call_later(_Served.delay, self._answer, answered)
+            else:
+                self.transport.write(RESPONSE * answered)
+
+    def _answer(self, answered: int) -> None:
+        if not self.transport.is_closing():
             self.transport.write(RESPONSE * answered)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.buf = bytearray()
 
 
-def server_main(conn: Any, use_uvloop: bool) -> None:
+def server_main(conn: Any, use_uvloop: bool, delay: float = 0.0) -> None:
     """The endpoint process: sends its port, then answers 'count' and 'stop' on ``conn``."""
+    _Served.delay = delay
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -169,9 +178,9 @@ def server_main(conn: Any, use_uvloop: bool) -> None:
 
 
 class Endpoint:
-    def __init__(self, ctx: Any, use_uvloop: bool) -> None:
+    def __init__(self, ctx: Any, use_uvloop: bool, delay: float = 0.0) -> None:
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=server_main, args=(child, use_uvloop), daemon=True)
+        self.proc = ctx.Process(target=server_main, args=(child, use_uvloop, delay), daemon=True)
         self.proc.start()
         self.port = self._conn.recv()
         self.url = f"http://127.0.0.1:{self.port}/ingest"

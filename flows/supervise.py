@@ -20,10 +20,9 @@ from prefect.states import Completed, Failed, State
 
 from config import load_config
 from state import StateUnavailable, open_store
+from state.model import group_problem
 from state.postgres_store import PostgresStore
-from tasks.supervise import Starts, ownerless
-
-GROUP_DEPLOYMENT = "profile-relay-stream/stream-group"
+from tasks.supervise import GROUP_DEPLOYMENT, Starts, ownerless
 
 
 @flow(name="profile-relay-supervise", log_prints=False)
@@ -45,8 +44,8 @@ async def supervise_flow(config_path: str, groups: int = 2,
     """
     logger = get_run_logger()
     config = load_config(config_path)
-    if not 1 <= groups <= 256:
-        return Failed(message=f"groups: want 1 to 256, got {groups}")
+    if problem := group_problem(groups):
+        return Failed(message=problem)
     try:
         store = open_store(config.state_target)
     except StateUnavailable as exc:

@@ -192,6 +192,16 @@ class LeaseLost(RuntimeError):
 
 
 SHARD_COUNT = 256  # profiles' shards (state.db.shard_of); a group is a contiguous range of them
+
+
+def group_problem(count: int, index: int = 0) -> str | None:
+    """What is wrong with group ``index`` of ``count`` (a layout of ``count`` groups), if
+    anything: the one check of the CLI, the supervise flow and ``ShardScope``."""
+    if not 1 <= count <= SHARD_COUNT:
+        return f"groups {count}: want 1 to {SHARD_COUNT}"
+    if not 0 <= index < count:
+        return f"group {index} of {count}: want 0 to {count - 1}"
+    return None
 RANGE_LEASES = 1_000_000  # lease groups from here on are shard ranges (ShardScope.lease_group)
 
 
@@ -214,9 +224,8 @@ class ShardScope:
     @classmethod
     def of_group(cls, dataflow: str, index: int, count: int, owner: str) -> ShardScope:
         """Group ``index`` of ``count`` equal ranges of the shards."""
-        if not 1 <= count <= SHARD_COUNT or not 0 <= index < count:
-            raise ValueError(f"group {index} of {count}: want 0 <= group < groups <= "
-                             f"{SHARD_COUNT}")
+        if problem := group_problem(count, index):
+            raise ValueError(problem)
         return cls(dataflow, index * SHARD_COUNT // count,
                    (index + 1) * SHARD_COUNT // count - 1, owner)
 

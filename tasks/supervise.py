@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from state.model import ShardScope
 from state.postgres_store import PostgresStore
 
+GROUP_DEPLOYMENT = "profile-relay-stream/stream-group"  # prefect.yaml's stream-group
 START_GRACE_SECONDS = 45.0  # a started run has this long to take its lease (worker pickup)
 
 

@@ -61,8 +61,10 @@ class PostgresServer:
 
     superuser = "postgres"
 
-    def __init__(self, parent: str | Path | None = None) -> None:
+    def __init__(self, parent: str | Path | None = None, settings: str = "") -> None:
+        """``settings``: more server options, as ``-c name=value`` words."""
         self.bindir = find_binaries()
+        self.settings = f"{SERVER_SETTINGS} {settings}".strip()
         self.folder = Path(tempfile.mkdtemp(prefix="relay-pg-", dir=parent))
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"
@@ -101,7 +103,7 @@ class PostgresServer:
             self.port = _free_port()
             try:
                 self._cmd("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
-                          "-o", f"-p {self.port} -k {self.folder} -h 127.0.0.1 {SERVER_SETTINGS}",
+                          "-o", f"-p {self.port} -k {self.folder} -h 127.0.0.1 {self.settings}",
                           "start")
                 return self
             except PostgresUnavailable as exc:

@@ -389,3 +389,13 @@ async def test_test_send_with_oauth_client_credentials(tmp_path: Path) -> None:
         assert "401" in result.stderr
         assert "not-the-secret" not in result.output and tokens.client_secret not in result.output
     assert len(receiver.requests) == 1
+
+
+def test_shard_group_numbers_out_of_range_exit_2_saying_what_is_allowed(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "relay.yaml")
+    for args, message in ((["stream", "--group", "4", "--groups", "4"], "group 4 of 4: want 0 to 3"),
+                          (["stream", "--groups", "300"], "groups 300: want 1 to 256"),
+                          (["supervise", "--groups", "0"], "groups 0: want 1 to 256")):
+        result = invoke(*args, "-c", str(cfg))
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr, (args, result.stderr)
