@@ -136,18 +136,23 @@ def stream(config: ConfigOpt,
            run_seconds: Annotated[float, typer.Option(help="end the run after this long")] = 3600.0,
            group: Annotated[int, typer.Option(help="with --groups: the shard group this run owns (from 0)")] = 0,
            groups: Annotated[int | None, typer.Option(help="split each dataflow's shards into this many groups (PostgreSQL state)")] = None,
+           standby: Annotated[bool, typer.Option("--standby", help="with --groups: wait as the group's standby and take it over when its lease lapses")] = False,
            ) -> None:
     """Run the stream flow: poll for changes, export and deliver."""
     cfg = _config(config)
     if dataflow is not None:
         _known_dataflow(cfg, dataflow)
+    if standby and groups is None:
+        err.print("error: --standby needs --groups (a standby waits for one shard group)",
+                  markup=False)
+        raise typer.Exit(2)
     if groups is not None and (problem := group_problem(groups, group)):
         err.print(f"error: --{problem}", markup=False)
         raise typer.Exit(2)
     from flows.stream import stream_flow
 
     _finish(_run(stream_flow(config_location(config), dataflow, interval, once, run_seconds,
-                             group, groups, return_state=True)))
+                             group, groups, standby, return_state=True)))
 
 
 @app.command()
@@ -157,6 +162,7 @@ def supervise(config: ConfigOpt,
               interval: Annotated[float, typer.Option(help="seconds between two looks at the leases")] = 2.0,
               run_seconds: Annotated[float, typer.Option(help="end after this long")] = 3600.0,
               group_run_seconds: Annotated[float, typer.Option(help="each group run ends after this long (and is replaced)")] = 3600.0,
+              standby: Annotated[bool, typer.Option(help="keep a standby run per group too, which takes the group over within a poll of its lease lapsing")] = True,
               ) -> None:
     """Keep N shard-group stream runs alive on a Prefect work pool (PostgreSQL state)."""
     _config(config)
@@ -167,7 +173,7 @@ def supervise(config: ConfigOpt,
 
     _finish(_run(supervise_flow(config_location(config), groups, deployment, interval,
                                 run_seconds, group_run_seconds=group_run_seconds,
-                                return_state=True)))
+                                standby=standby, return_state=True)))
 
 
 def _known_dataflow(cfg: Config, name: str) -> None:

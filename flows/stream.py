@@ -9,21 +9,25 @@ the first is alive waits for it to end (a schedule's hand-over), or gives up aft
 With ``group`` and ``groups`` (PostgreSQL state; ``profile-relay supervise`` starts them)
 the run owns one range of every dataflow's shards instead (``tasks.groups``): it decides
 and sends only those, under a lease of a few seconds renewed in the background, and ends
-when the lease is lost or ``supervise`` changes the number of groups."""
+when the lease is lost or ``supervise`` changes the number of groups. With ``standby`` it
+first waits as the group's hot standby and takes the group over when its lease lapses."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import os
 import time
 import uuid
 
 from prefect import flow, get_run_logger, runtime
+from prefect.client.orchestration import get_client
 from prefect.states import Completed, Failed, State
 
 from config import load_config
 from state import StateUnavailable, Store, open_store
 from state.db import now_ms
-from state.leases import owner_id
+from state.leases import WORKER_ENV, owner_id
 from tasks import lifecycle, pipeline
 from tasks.flow_tasks import dispatch
 from tasks.groups import Groups, lease_lost
@@ -40,6 +44,7 @@ def _run_name() -> str:
     what = params.get("dataflow") or "all dataflows"
     if params.get("groups"):
         what += f" group {params.get('group', 0)}/{params['groups']}"
+        what += " standby" if params.get("standby") else ""
     how = "once" if params.get("once") else f"{params.get('run_seconds', 3600):g} s"
     return f"stream {what} {time.strftime('%H:%M:%S', time.gmtime())}Z ({how})"
 
@@ -47,7 +52,8 @@ def _run_name() -> str:
 @flow(name="profile-relay-stream", flow_run_name=_run_name, log_prints=False)
 async def stream_flow(config_path: str, dataflow: str | None = None, interval: float = 2.0,
                       once: bool = False, run_seconds: float = 3600.0,
-                      group: int = 0, groups: int | None = None) -> State:
+                      group: int = 0, groups: int | None = None,
+                      standby: bool = False) -> State:
     """Poll the change log, decide exports and deliver them.
 
     Args:
@@ -62,6 +68,8 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
         group: with ``groups``, which range of the shards this run owns (0 to groups - 1).
         groups: split each dataflow's 256 shards into this many groups (PostgreSQL state);
             empty: one run streams everything.
+        standby: with ``groups``, wait as the group's standby (up to ``run_seconds``) and
+            take it over the moment its lease lapses; ``supervise`` starts these.
     """
     logger = get_run_logger()
     config = load_config(config_path)
@@ -78,7 +86,12 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
             shard_groups = Groups.plan(store, [f.name for f in flows_], group, groups, owner)
         except ValueError as exc:  # GroupsNeedPostgres, or no such group
             return Failed(message=str(exc))
-        if not await shard_groups.take(TAKEOVER_WAIT_SECONDS):
+        if standby:
+            if why := await shard_groups.stand_by(time.monotonic() + run_seconds,
+                                                  _other_worker_online):
+                return Completed(message=f"group {group} of {groups}: stood by; {why}")
+            logger.info("took over group %d of %d as its standby", group, groups)
+        elif not await shard_groups.take(TAKEOVER_WAIT_SECONDS):
             return Completed(message=f"group {group} of {groups}: its shards are held by "
                                      "another live run; nothing to do")
         logger.info("streaming group %d of %d (%s)", group, groups, ", ".join(
@@ -87,6 +100,9 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     elif not once and not await _take_leases(store, [f.name for f in flows_], owner, ttl_ms):
         return Completed(message="another stream run owns these dataflows; nothing to do")
     totals = {f.name: PassResult() for f in flows_}
+    # one dataflow: a task run passes on for up to an interval while changes arrive; with
+    # several, each gets one pass in turn, so none waits behind another's stream
+    span = interval if len(flows_) == 1 and not once else 0.0
     started, started_ms = time.monotonic(), now_ms()
     last_summary = started
     # The run ends run_seconds after it was scheduled to start, not after it got the
@@ -95,8 +111,8 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     # hand-overs later and later.
     scheduled = runtime.flow_run.scheduled_start_time
     late = max(0.0, time.time() - scheduled.timestamp()) if scheduled is not None else 0.0
-    if late >= run_seconds / 2:  # started long after its tick (a worker was down): a full run
-        late = 0.0
+    if late >= run_seconds / 2 or standby:  # started long after its tick (a worker was
+        late = 0.0  # down), or took over after standing by: a full run
     ends_at = started + run_seconds - late
     stopped: str | None = None
     try:
@@ -107,7 +123,8 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
                 st = shard_groups.view(flow_.name) if shard_groups else store
                 if once or pipeline.has_work(st, flow_):
                     try:
-                        await dispatch(st, config, flow_, totals[flow_.name], settle=once)
+                        await dispatch(st, config, flow_, totals[flow_.name], settle=once,
+                                       span=max(0.0, min(span, ends_at - time.monotonic())))
                     except Exception as exc:
                         if (lost := lease_lost(exc)) is None:
                             raise
@@ -148,6 +165,24 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
     if message := report_failures(logger, config, totals):
         return Failed(message=message, data=ExportsFailed(message, counts))
     return Completed(message=f"streamed {len(flows_)} dataflow(s)", data=counts)
+
+
+async def _other_worker_online() -> bool:
+    """Whether a worker other than this run's is heartbeating in this run's work pool:
+    somewhere a standby could run apart from its group's active run."""
+    me, run_id = os.environ.get(WORKER_ENV), runtime.flow_run.id
+    if not me or not run_id:
+        return False
+    try:
+        async with get_client() as client:
+            pool = (await client.read_flow_run(uuid.UUID(str(run_id)))).work_pool_name
+            workers = await client.read_workers_for_work_pool(pool) if pool else []
+    except Exception:  # the API unreachable: stay a standby here rather than none
+        return False
+    now = dt.datetime.now(dt.UTC)
+    return any(w.name != me and w.last_heartbeat_time is not None
+               and (now - w.last_heartbeat_time).total_seconds()
+               <= 2 * (w.heartbeat_interval_seconds or 30) for w in workers)
 
 
 async def _take_leases(store: Store, names: list[str], owner: str, ttl_ms: int) -> bool:

@@ -10,10 +10,24 @@ import sqlite_utils
 
 from state.db import write_txn
 
+WORKER_ENV = "PREFECT__WORKER_NAME"  # a Prefect worker sets it in the flow runs it starts
+
+
+def machine() -> str:
+    """Where this process runs, for placing standbys apart from their active runs: the
+    Prefect worker that started it (one per machine), else the host."""
+    return os.environ.get(WORKER_ENV) or socket.gethostname()
+
 
 def owner_id(run: str) -> str:
-    """An owner name that says where the owner runs: host, process id, then ``run``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{run}"
+    """An owner name that says where the owner runs: host, process id, ``run``, then the
+    machine after an ``@``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{run}@{machine()}"
+
+
+def machine_of(owner: str) -> str:
+    """The machine an owner name says (its host for names without one)."""
+    return owner.rpartition("@")[2] if "@" in owner else owner.partition(":")[0]
 
 
 def _gone(owner: str) -> bool:

@@ -202,4 +202,16 @@ MIGRATIONS: list[str] = [
         updated_at bigint NOT NULL
     )
     """,
+    # 4: hot standbys. A run waiting to take a group's lease the moment it lapses says so
+    # here (one per group, with a TTL), so ``supervise`` keeps one per group and starts
+    # a run from scratch only where none stands by.
+    """
+    CREATE TABLE standbys (
+        dataflow text COLLATE "C" NOT NULL,
+        grp integer NOT NULL,
+        owner text NOT NULL,
+        expires_at bigint NOT NULL,
+        PRIMARY KEY (dataflow, grp)
+    )
+    """,
 ]

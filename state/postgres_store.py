@@ -415,6 +415,24 @@ LOWEST_SHARD_CURSOR = ("UPDATE dataflows SET cursor = (SELECT min(seq) FROM shar
 HOLDS_LEASE = ("SELECT epoch = %s AND expires_at > " + NOW_MS + " FROM leases "
                "WHERE dataflow = %s AND grp = %s")
 RELEASE_LEASE = "UPDATE leases SET expires_at = 0 WHERE dataflow = %s AND grp = %s AND owner = %s"
+LEASE_OWNER = ("SELECT owner FROM leases WHERE dataflow = %s AND grp = %s "
+               "AND expires_at > " + NOW_MS)
+# a standby is registered or renewed only where no other live one is
+STAND_BY = (
+    "INSERT INTO standbys (dataflow, grp, owner, expires_at) VALUES (%(flow)s, %(grp)s, "
+    "%(owner)s, " + NOW_MS + " + %(ttl)s) ON CONFLICT (dataflow, grp) DO UPDATE SET "
+    "owner = excluded.owner, expires_at = excluded.expires_at WHERE standbys.owner = "
+    "excluded.owner OR standbys.expires_at <= " + NOW_MS + " RETURNING 1")
+STANDBY_OWNER = ("SELECT owner FROM standbys WHERE dataflow = %s AND grp = %s "
+                 "AND expires_at > " + NOW_MS)
+LIVE_OWNERS = ("SELECT owner FROM leases WHERE dataflow = %(flow)s AND expires_at > " + NOW_MS
+               + " UNION SELECT owner FROM standbys WHERE dataflow = %(flow)s AND expires_at > "
+               + NOW_MS)
+DROP_STANDBY = "DELETE FROM standbys WHERE dataflow = %s AND grp = %s AND owner = %s"
+# the tables of shard groups, which the embedded store has not: dropped with the dataflow
+GROUP_DROP_KINDS = (("shard cursors", "shard_cursors", "dataflow"),
+                    ("shard layout", "shard_layouts", "dataflow"),
+                    ("standbys", "standbys", "dataflow"))
 
 STATS_CURSOR = "SELECT cursor FROM dataflows WHERE name = %s"
 # The newest row's commit time says whether the log has rows at all (SQLite reads
@@ -606,6 +624,30 @@ class PostgresStore:
     def lease_live(self, dataflow: str, group: int) -> bool:
         """Whether someone holds that lease now (by the database's clock)."""
         return bool(self._one(LEASE_LIVE, (dataflow, group)))
+
+    def lease_owner(self, dataflow: str, group: int) -> str | None:
+        """Who holds that lease now, if anyone."""
+        return self._one(LEASE_OWNER, (dataflow, group))
+
+    def stand_by(self, scope: ShardScope, ttl_ms: int) -> bool:
+        """Register or renew ``scope.owner`` as the standby of ``scope``'s group for
+        ``ttl_ms``; False while another live standby has it."""
+        with self._txn() as cur:
+            return cur.execute(STAND_BY, {"flow": scope.dataflow, "grp": scope.lease_group,
+                                          "owner": scope.owner, "ttl": ttl_ms}
+                               ).fetchone() is not None
+
+    def standby_owner(self, dataflow: str, group: int) -> str | None:
+        """The live standby of that lease, if any."""
+        return self._one(STANDBY_OWNER, (dataflow, group))
+
+    def live_owners(self, dataflow: str) -> set[str]:
+        """Every live lease holder and standby of the dataflow (where its runs are)."""
+        return {owner for (owner,) in self._rows(LIVE_OWNERS, {"flow": dataflow})}
+
+    def drop_standby(self, scope: ShardScope) -> None:
+        with self._txn() as cur:
+            cur.execute(DROP_STANDBY, (scope.dataflow, scope.lease_group, scope.owner))
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -862,7 +904,7 @@ class PostgresStore:
     def drop_dataflow(self, name: str) -> dict[str, int]:
         with self._txn() as cur:
             counts = {}
-            for kind, table, column in DROP_KINDS:
+            for kind, table, column in DROP_KINDS + GROUP_DROP_KINDS:
                 cur.execute(DROP_ROWS.format(table=table, column=column), (name,))
                 counts[kind] = cur.rowcount
         return counts

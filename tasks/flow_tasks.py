@@ -11,6 +11,7 @@ the attempt number of the exports it started with.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,35 +53,45 @@ def _is_retryable(task_obj: object, task_run: object, state: Any) -> bool:
 @task(name="dispatch", retries=DISPATCH_RETRIES, retry_condition_fn=_is_retryable,
       cache_policy=NO_CACHE, task_run_name="dispatch {dataflow}")
 async def dispatch_task(store: Store, config: Config, dataflow: str, call: PassResult,
-                        settle: bool) -> dict[str, int]:
-    """One pipeline pass; ``call`` gathers the figures of every run of this task call."""
+                        settle: bool, span: float = 0.0) -> dict[str, int]:
+    """One pipeline pass, then more while changes keep arriving within ``span`` seconds:
+    under steady ingest a stream makes one task run per span, not one per pass (a task
+    run costs the Prefect server tens of ms of CPU; five a second per stream drowned a
+    local server's database). ``call`` gathers the figures of every run of this call."""
     ctx = TaskRunContext.get()
     is_retry = ctx is not None and ctx.task_run.run_count > 1
     flow = config.dataflow(dataflow)
-    result = await pipeline.run_pass(
-        store, config, flow, wait_due=settle or is_retry,
-        lock_wait=SENDER_WAIT_SECONDS if settle else 0.0,
-        fill_wait=not settle and not is_retry, logger=get_run_logger())
-    call.add(result)
-    report_breaker(get_run_logger(), config, flow, result)
-    if result.delivery.retrying and not result.delivery.paused:  # paused: the probes go on
-        raise RetryableDelivery(result.delivery.retrying, result.delivery.last_error)
-    if call.delivery.failed:
-        raise DeliveryFailed(dataflow, call.delivery.failed, call.delivery.last_error)
-    return call.counts()
+    until = time.monotonic() + span
+    while True:
+        started, seen = time.monotonic(), store.head_seq()
+        result = await pipeline.run_pass(
+            store, config, flow, wait_due=settle or is_retry,
+            lock_wait=SENDER_WAIT_SECONDS if settle else 0.0,
+            fill_wait=not settle and not is_retry, logger=get_run_logger())
+        call.add(result)
+        report_breaker(get_run_logger(), config, flow, result)
+        if result.delivery.retrying and not result.delivery.paused:  # paused: probes go on
+            raise RetryableDelivery(result.delivery.retrying, result.delivery.last_error)
+        if call.delivery.failed:
+            raise DeliveryFailed(dataflow, call.delivery.failed, call.delivery.last_error)
+        if settle or is_retry or result.delivery.paused or result.delivery.busy or \
+                not await pipeline.wait_for_changes(
+                    store, seen, until, earliest=started + pipeline.MIN_PASS_GAP_SECONDS):
+            return call.counts()
 
 
 async def dispatch(store: Store, config: Config, flow: Dataflow, totals: PassResult,
-                   settle: bool = False) -> None:
-    """Run the dispatch task; ``settle``: again until every export decided so far is
-    delivered or in the failed store. The task run ends Failed when exports ended in the
+                   settle: bool = False, span: float = 0.0) -> None:
+    """Run the dispatch task (passes for up to ``span`` seconds while changes arrive);
+    ``settle``: again until every export decided so far is delivered or in the failed
+    store. The task run ends Failed when exports ended in the
     failed store; the flow reports that at its end (``tasks.report.report_failures``)."""
     policy = RetryPolicy.for_destination(config.destination(flow.destination))
     run = dispatch_task.with_options(retry_delay_seconds=policy.task_retry_delays())
     while True:
         call = PassResult()
         try:
-            await run(store, config, flow.name, call, settle)
+            await run(store, config, flow.name, call, settle, span)
         except RetryableDelivery as exc:  # retries spent: the exports wait in the outbox
             get_run_logger().warning("%s: %s", flow.name, exc)
         except DeliveryFailed:

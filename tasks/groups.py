@@ -4,6 +4,11 @@ A run given ``group`` of ``groups`` owns that range of every dataflow's shards (
 per dataflow, in PostgreSQL). The leases are renewed in the background every third of
 their TTL, whatever the pipeline is doing, so a long pass never lets them lapse; a
 renewal that fails (taken over, or the store unreachable for a whole TTL) ends the run.
+
+A standby run (``supervise`` keeps one per group) registers itself as the group's standby
+and polls the lease, taking it within a poll of its lapse: a killed or frozen run's
+shards move in the TTL plus a poll, with no run to start. It keeps off the machine of
+the group's active run while another worker is online.
 """
 
 from __future__ import annotations
@@ -11,15 +16,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from state import Store
+from state.leases import machine, machine_of
 from state.model import LeaseLost, ShardScope
 from state.postgres_store import PostgresStore
 
 GROUP_TTL_SECONDS = 6.0  # a killed group's shards are taken over this long after
-TAKE_POLL_SECONDS = 0.5
+TAKE_POLL_SECONDS = 0.5  # a standby takes a lapsed lease within this
+PLACEMENT_SECONDS = 15.0  # how often a standby beside its active run asks for another worker
 # the lease is trusted for this part of its TTL after the renewal started: the rest covers
 # the renewal's own time and the distance between this host's clock rate and the server's
 TRUST = 0.8
@@ -70,6 +77,50 @@ class Groups:
                 self.release()
                 return False
             await asyncio.sleep(TAKE_POLL_SECONDS)
+
+    async def stand_by(self, until: float,
+                       elsewhere: Callable[[], Awaitable[bool]]) -> str | None:
+        """Wait as the group's standby until ``until`` (monotonic); take every lease as
+        soon as they lapse (None), or end with the reason: the run's time is up,
+        ``supervise`` changed the layout, another standby has the group, or this run is on
+        the machine of the group's active run while ``elsewhere()`` says another worker
+        is online (``supervise`` then starts another standby, which may land there)."""
+        here, placed_at = machine(), 0.0
+        why: str | None = "its run time ended before the group's lease lapsed"
+        try:
+            while time.monotonic() < until:
+                if why_not := await asyncio.to_thread(self._standing_by):
+                    why = why_not
+                    break
+                if await asyncio.to_thread(self._renew_all):
+                    why = None
+                    break
+                if time.monotonic() - placed_at >= PLACEMENT_SECONDS and \
+                        await asyncio.to_thread(self._beside_active, here):
+                    placed_at = time.monotonic()
+                    if await elsewhere():
+                        why = (f"on the machine of the group's active run ({here}) while "
+                               "another worker is online")
+                        break
+                await asyncio.sleep(TAKE_POLL_SECONDS)
+        finally:
+            for scope in self.scopes.values():
+                self.store.drop_standby(scope)
+        if why is not None:
+            self.release()  # the leases of some dataflows, taken while others were held
+        return why
+
+    def _standing_by(self) -> str | None:
+        if handover := self.handover():
+            return handover
+        for scope in self.scopes.values():
+            if not self.store.stand_by(scope, self.ttl_ms):
+                return f"{scope.name} has another standby"
+        return None
+
+    def _beside_active(self, here: str) -> bool:
+        owners = (self.store.lease_owner(s.dataflow, s.lease_group) for s in self.scopes.values())
+        return any(owner is not None and machine_of(owner) == here for owner in owners)
 
     def _renew_all(self) -> bool:
         started = time.monotonic()

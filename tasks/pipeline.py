@@ -266,16 +266,17 @@ def redeliver(store: Store, flow: Dataflow, now: int | None = None,
 # -- delivering ----------------------------------------------------------------------------------
 
 async def wait_for_changes(store: Store, seen_head: int, until: float,
-                           earliest: float = 0.0) -> None:
+                           earliest: float = 0.0) -> bool:
     """Sleep until ``until`` (``time.monotonic()``), or until the change log has grown past
-    ``seen_head``, but not before ``earliest``. A change committed while the stream sleeps
+    ``seen_head``, but not before ``earliest``; True when it has grown. A change committed while the stream sleeps
     is decided within about ``WAKE_POLL_SECONDS`` instead of waiting out the poll
     interval; one cheap read of the log's head per look, whatever the number of
     dataflows."""
     while (left := until - time.monotonic()) > 0:
         if time.monotonic() >= earliest and store.head_seq() > seen_head:
-            return
+            return True
         await asyncio.sleep(min(WAKE_POLL_SECONDS, left))
+    return False
 
 
 def has_work(store: Store, flow: Dataflow) -> bool:

@@ -1,9 +1,11 @@
 """Two "machines" on one host: the README's "Running on more than one machine" commands, run
 as written against a real Prefect server and PostgreSQL, with two Prefect workers as
-separate process groups and steady ingest. One machine is killed (``kill -9`` on its
-process group); then a group run on the other is frozen (SIGSTOP) until its group is taken
-over, and thawed. Every profile's latest state must arrive, no profile's sequence may go
-backwards at the receiver, and the thawed run must end without another write."""
+separate process groups and steady ingest. Once every group has a standby on the other
+machine than its active run, one machine is killed (``kill -9`` on its process group):
+its groups must be taken over by those standbys. Then a group run on the other is frozen
+(SIGSTOP) until its standby has taken the group over, and thawed. Every profile's latest
+state must arrive, no profile's sequence may go backwards at the receiver, and the
+thawed run must end without another write."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from typing import Any
 import orjson
 import yaml
 
-from state.model import RANGE_LEASES
+from state.leases import machine_of as owner_machine
+from state.model import RANGE_LEASES, ShardScope
 from state.postgres_store import PostgresStore
 from tasks.ingest import ingest_stream
 from tasks.supervise import ownerless
@@ -48,6 +51,23 @@ def owners(store: PostgresStore) -> dict[int, tuple[str, int]]:
             "SELECT grp, owner FROM leases WHERE grp >= %s AND expires_at > "
             "(extract(epoch FROM clock_timestamp()) * 1000)::bigint", (RANGE_LEASES,)).fetchall()
     return {grp: (owner, int(owner.split(":")[1])) for grp, owner in rows}
+
+
+def standbys(store: PostgresStore) -> dict[int, str]:
+    """group -> owner of its live standby."""
+    found = {}
+    for i in range(GROUPS):
+        key = ShardScope.of_group(FLOW, i, GROUPS, "").lease_group
+        if owner := store.standby_owner(FLOW, key):
+            found[key] = owner
+    return found
+
+
+def placed_apart(store: PostgresStore) -> bool:
+    """Every group has a live owner and a live standby, on another worker than it."""
+    held, standing = owners(store), standbys(store)
+    return len(held) == GROUPS and set(standing) == set(held) and all(
+        owner_machine(held[g][0]) != owner_machine(standing[g]) for g in held)
 
 
 def alive(pid: int) -> bool:
@@ -148,6 +168,10 @@ def test_two_machines_one_killed_one_frozen(tmp_path: Path, pg_server: PostgresS
             assert workers and ingest.is_alive(), commands
 
             wait_for(lambda: not ownerless(store, [FLOW], GROUPS), 120, 0.5, "4 live groups")
+            placing = time.monotonic()
+            wait_for(lambda: placed_apart(store), 180, 0.5,
+                     "a standby per group, on the other worker than its active run")
+            placing = time.monotonic() - placing
             # one machine: the worker with the most groups, and its flow runs
             pids = [w.pid for w in workers]
             held = owners(store)
@@ -157,6 +181,7 @@ def test_two_machines_one_killed_one_frozen(tmp_path: Path, pg_server: PostgresS
             survivor = next(w for w in pids if w != victim)
             killed = by_machine[victim]
             assert killed, f"no group run under a worker: {held}"
+            standing = standbys(store)
             kill_machine(victim, [held[g][1] for g in killed])
             killed_at = time.monotonic()
 
@@ -166,10 +191,16 @@ def test_two_machines_one_killed_one_frozen(tmp_path: Path, pg_server: PostgresS
 
             wait_for(taken_over, 120, 0.2, "the killed machine's groups taken over")
             takeover = time.monotonic() - killed_at
-            assert all(machine_of(pid, pids) == survivor for _, pid in owners(store).values())
+            now_held = owners(store)
+            assert all(machine_of(pid, pids) == survivor for _, pid in now_held.values())
+            assert {g: now_held[g][0] for g in killed} == {g: standing[g] for g in killed}, \
+                "the killed groups were not taken over by their standbys"
 
-            # freeze one group run until its group has another owner, then thaw it
+            # freeze one group run until its standby has the group, then thaw it
+            wait_for(lambda: set(standbys(store)) == set(owners(store)), 120, 0.5,
+                     "a standby again for every group")
             group, (frozen_owner, frozen) = sorted(owners(store).items())[0]
+            its_standby = standbys(store)[group]
             os.kill(frozen, signal.SIGSTOP)
             stopped_at = time.monotonic()
             try:
@@ -177,6 +208,7 @@ def test_two_machines_one_killed_one_frozen(tmp_path: Path, pg_server: PostgresS
                          and owners(store)[group][0] != frozen_owner, 120, 0.2,
                          "the frozen run's group taken over")
                 refrozen = time.monotonic() - stopped_at
+                assert owners(store)[group][0] == its_standby, "not taken over by its standby"
             finally:
                 os.kill(frozen, signal.SIGCONT)
             wait_for(lambda: not alive(frozen), 60, 0.2, "the thawed run to end")
@@ -211,8 +243,9 @@ def test_two_machines_one_killed_one_frozen(tmp_path: Path, pg_server: PostgresS
     assert stats.pending == 0 and stats.failed == 0, stats
     assert "Traceback" not in supervise_log, supervise_log[-3000:]
     requests = sum(len(v) for v in seen.values())
-    print(f"\nmachines: {len(killed)} group(s) killed, taken over in {takeover:.1f} s; a "
-          f"frozen run's group taken over in {refrozen:.1f} s; {ingest.count} fragments "
+    print(f"\nmachines: standbys placed apart in {placing:.1f} s; {len(killed)} group(s) "
+          f"killed, taken over in {takeover:.1f} s; a frozen run's group taken over in "
+          f"{refrozen:.1f} s; {ingest.count} fragments "
           f"over {PROFILES} profiles, {requests} requests, "
           f"{requests - len(set((p, e['headers']['X-Relay-Sequence']) for p, v in seen.items() for e in v))} "
           f"repeated (same state, same key)")

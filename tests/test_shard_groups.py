@@ -18,10 +18,13 @@ import yaml
 from config import Config, load_config
 from state import open_store
 from state.db import now_ms, shard_of
+from state.leases import WORKER_ENV, owner_id
 from state.model import Attempt, LeaseLost, ShardScope
 from state.postgres_store import PostgresStore
 from tasks import pipeline
+from tasks.groups import Groups
 from tasks.pipeline import PassResult
+from tasks.supervise import Starts
 from testkit.procs import FLOW, wait_for, write_config
 from tests.relay_fixtures import fragment, ingest
 
@@ -207,3 +210,68 @@ async def test_a_group_run_stops_when_its_lease_is_taken_or_the_layout_changes(
     with psycopg.connect(pg_url, autocommit=True) as conn:  # and it left the lease alone
         assert conn.execute("SELECT owner FROM leases WHERE grp = %s",
                             (scope.lease_group,)).fetchone() == ("elsewhere:1:x",)
+
+
+async def _nowhere() -> bool:
+    return False
+
+
+async def _somewhere() -> bool:
+    return True
+
+
+async def test_a_standby_takes_the_group_within_a_poll_of_its_lease_lapsing(
+        tmp_path: Path, pg_url: str) -> None:
+    _, store = pg_config(tmp_path, pg_url)
+    active = Groups.plan(store, [FLOW], 0, 2, "far:1:active@m1")
+    active.ttl_ms = 1500  # then never renewed: a killed or frozen run
+    assert await active.take(0)
+    group = active.scopes[FLOW].lease_group
+    standby = Groups.plan(store, [FLOW], 0, 2, "far:2:standby@m2")
+    waiting = asyncio.create_task(standby.stand_by(time.monotonic() + 30, _nowhere))
+    await asyncio.to_thread(wait_for, lambda: store.standby_owner(FLOW, group)
+                            == "far:2:standby@m2", 10)
+    late = Groups.plan(store, [FLOW], 0, 2, "far:3:late@m3")  # one standby per group
+    assert "another standby" in (await late.stand_by(time.monotonic() + 5, _nowhere) or "")
+
+    assert await asyncio.wait_for(waiting, 10) is None  # it took the group over
+    assert store.lease_owner(FLOW, group) == "far:2:standby@m2"
+    assert standby.scopes[FLOW].epoch == active.scopes[FLOW].epoch + 1
+    assert store.standby_owner(FLOW, group) is None  # a standby no more
+    with pytest.raises(LeaseLost):  # and the old owner changes nothing from now on
+        active.view(FLOW).claim_due(FLOW, now_ms(), 10)
+
+    store.set_layout(FLOW, 4)  # supervise now runs four groups: a standby of two ends
+    other = Groups.plan(store, [FLOW], 1, 2, "far:4:other@m2")
+    assert "4 group(s)" in (await other.stand_by(time.monotonic() + 5, _nowhere) or "")
+    assert not store.lease_live(FLOW, other.scopes[FLOW].lease_group)
+
+
+async def test_a_standby_leaves_the_machine_of_its_active_run_while_another_worker_is_online(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, store = pg_config(tmp_path, pg_url)
+    monkeypatch.setenv(WORKER_ENV, "worker-a")
+    active = Groups.plan(store, [FLOW], 0, 2, "far:1:active@worker-a")
+    assert await active.take(0)
+    group = active.scopes[FLOW].lease_group
+    beside = Groups.plan(store, [FLOW], 0, 2, owner_id("beside"))
+    why = await beside.stand_by(time.monotonic() + 10, _somewhere)
+    assert why is not None and "machine of the group's active run (worker-a)" in why
+    assert store.standby_owner(FLOW, group) is None  # its registration went with it
+    # the only worker online: it stays, a standby on the same machine rather than none
+    alone = Groups.plan(store, [FLOW], 0, 2, owner_id("alone"))
+    assert await alone.stand_by(time.monotonic() + 1.5, _nowhere) == (
+        "its run time ended before the group's lease lapsed")
+    assert store.lease_owner(FLOW, group) == "far:1:active@worker-a"
+
+
+def test_supervise_restarts_a_standby_that_went_but_not_before_its_retry() -> None:
+    starts = Starts(grace=45.0, retry=10.0)
+    assert starts.due([0, 1], range(2), now=0.0) == [0, 1]  # never started
+    starts.started(0, 0.0)
+    starts.started(1, 0.0)
+    assert starts.due([0, 1], range(2), now=5.0) == []  # starting: within their grace
+    assert starts.due([], range(2), now=6.0) == []  # both up
+    assert starts.due([0], range(2), now=7.0) == []  # 0 went: retried 10 s after its start
+    assert starts.due([0], range(2), now=10.0) == [0]
+    assert starts.due([1], range(2), now=50.0) == [1]  # never came up again: the grace
