@@ -447,6 +447,11 @@ def run_children(ctx: Any, specs: list[tuple[Any, tuple]]) -> list[dict]:
     procs = [ctx.Process(target=target, args=(*args, barrier, out)) for target, args in specs]
     for p in procs:
         p.start()
+    return collect(procs, out)
+
+
+def collect(procs: list[Any], out: Any) -> list[dict]:
+    """Every child's result from ``out``; exits at once if a child died without one."""
     results = []
     deadline = time.monotonic() + 900
     while len(results) < len(procs):

@@ -37,7 +37,6 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
-import queue
 import statistics
 import sys
 import tempfile
@@ -136,19 +135,7 @@ def run_children(ctx: Any, specs: list[tuple], before_go: Any) -> list[dict]:
     ready.wait(120)
     before_go()
     go.set()
-    results: list[dict] = []
-    deadline = time.monotonic() + 900
-    while len(results) < len(procs):
-        try:
-            results.append(out.get(timeout=1))
-        except queue.Empty:
-            if any(p.exitcode for p in procs) or time.monotonic() > deadline:
-                for p in procs:
-                    p.kill()
-                sys.exit(f"a relay process failed (exit codes {[p.exitcode for p in procs]})")
-    for p in procs:
-        p.join(30)
-    return results
+    return base.collect(procs, out)
 
 
 # --- the PostgreSQL server's side -------------------------------------------------------

@@ -12,6 +12,7 @@ started from scratch only for a group with neither a live owner nor a standby.""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 from prefect import flow, get_run_logger
@@ -26,6 +27,7 @@ from state.model import group_problem
 from state.postgres_store import PostgresStore
 from tasks.supervise import (
     GROUP_DEPLOYMENT,
+    STANDBY_JITTER_SECONDS,
     STANDBY_RETRY_SECONDS,
     Starts,
     ownerless,
@@ -89,6 +91,10 @@ async def supervise_flow(config_path: str, groups: int = 2,
             due += [(i, True) for i in standbys.due(
                 [i for i in every if i not in covered and i not in unowned], every, now)]
         for index, stands_by in due:
+            if stands_by and index in standbys.started_at:
+                # a standby again (it may have left its active run's machine): at a random
+                # moment, so that another worker, not always the same, polls first
+                await asyncio.sleep(random.uniform(0, STANDBY_JITTER_SECONDS))
             try:
                 run = await run_deployment(
                     deployment, timeout=0, as_subflow=False,

@@ -15,6 +15,9 @@ START_GRACE_SECONDS = 45.0  # a started run has this long to take its lease (wor
 # a standby that was up and is gone (it took over, or left the machine of its group's
 # active run) is replaced, but no sooner than this after the last start
 STANDBY_RETRY_SECONDS = 10.0
+# the workers of a pool poll on a fixed period (PREFECT_WORKER_QUERY_SECONDS), and so does
+# supervise: starts at a fixed phase go to the same worker every time
+STANDBY_JITTER_SECONDS = 3.0
 
 
 def _lease_group(dataflow: str, index: int, groups: int) -> int:

@@ -1,8 +1,8 @@
 """Two "machines" on one host: the README's "Running on more than one machine" commands, run
 as written against a real Prefect server and PostgreSQL, with two Prefect workers as
-separate process groups and steady ingest. Once every group has a standby on the other
-machine than its active run, one machine is killed (``kill -9`` on its process group):
-its groups must be taken over by those standbys. Then a group run on the other is frozen
+separate process groups and steady ingest. Once some group has its standby on the other
+machine than its active run, that run's machine is killed (``kill -9`` on its process
+group): such groups must be taken over by those standbys, the others by new runs. Then a group run on the other is frozen
 (SIGSTOP) until its standby has taken the group over, and thawed. Every profile's latest
 state must arrive, no profile's sequence may go backwards at the receiver, and the
 thawed run must end without another write."""
@@ -63,11 +63,17 @@ def standbys(store: PostgresStore) -> dict[int, str]:
     return found
 
 
-def placed_apart(store: PostgresStore) -> bool:
-    """Every group has a live owner and a live standby, on another worker than it."""
+def apart(store: PostgresStore, workers: list[int]) -> tuple | None:
+    """The machine with the most groups whose standby is on the other machine, if any:
+    (its worker, those groups, the owners, the standbys)."""
     held, standing = owners(store), standbys(store)
-    return len(held) == GROUPS and set(standing) == set(held) and all(
-        owner_machine(held[g][0]) != owner_machine(standing[g]) for g in held)
+    best: tuple | None = None
+    for worker in workers:
+        covered = [g for g, (owner, pid) in held.items() if machine_of(pid, workers) == worker
+                   and g in standing and owner_machine(standing[g]) != owner_machine(owner)]
+        if covered and (best is None or len(covered) > len(best[1])):
+            best = (worker, covered, held, standing)
+    return best
 
 
 def alive(pid: int) -> bool:
@@ -168,39 +174,37 @@ def test_two_machines_one_killed_one_frozen(tmp_path: Path, pg_server: PostgresS
             assert workers and ingest.is_alive(), commands
 
             wait_for(lambda: not ownerless(store, [FLOW], GROUPS), 120, 0.5, "4 live groups")
-            placing = time.monotonic()
-            wait_for(lambda: placed_apart(store), 180, 0.5,
-                     "a standby per group, on the other worker than its active run")
-            placing = time.monotonic() - placing
-            # one machine: the worker with the most groups, and its flow runs
+            # the machine to kill: one with groups whose standbys are on the other (placement
+            # is by the workers' polls, so by chance; supervise retries misplaced standbys)
             pids = [w.pid for w in workers]
-            held = owners(store)
-            by_machine = {w: [g for g, (_, pid) in held.items() if machine_of(pid, pids) == w]
-                          for w in pids}
-            victim = max(pids, key=lambda w: len(by_machine[w]))
+            placing = time.monotonic()
+            victim, covered, held, standing = wait_for(
+                lambda: apart(store, pids), 180, 0.5, "a standby on the other machine")
+            placing = time.monotonic() - placing
             survivor = next(w for w in pids if w != victim)
-            killed = by_machine[victim]
-            assert killed, f"no group run under a worker: {held}"
-            standing = standbys(store)
+            killed = [g for g, (_, pid) in held.items() if machine_of(pid, pids) == victim]
             kill_machine(victim, [held[g][1] for g in killed])
             killed_at = time.monotonic()
+            wait_for(lambda: all(owners(store).get(g, ("",))[0] == standing[g] for g in covered),
+                     60, 0.2, "the standbys to take their groups over")
+            by_standby = time.monotonic() - killed_at
 
             def taken_over() -> bool:
                 now = owners(store)
                 return len(now) == GROUPS and all(alive(pid) for _, pid in now.values())
 
-            wait_for(taken_over, 120, 0.2, "the killed machine's groups taken over")
+            wait_for(taken_over, 120, 0.2, "the killed machine's other groups taken over")
             takeover = time.monotonic() - killed_at
-            now_held = owners(store)
-            assert all(machine_of(pid, pids) == survivor for _, pid in now_held.values())
-            assert {g: now_held[g][0] for g in killed} == {g: standing[g] for g in killed}, \
-                "the killed groups were not taken over by their standbys"
+            assert all(machine_of(pid, pids) == survivor for _, pid in owners(store).values())
 
-            # freeze one group run until its standby has the group, then thaw it
-            wait_for(lambda: set(standbys(store)) == set(owners(store)), 120, 0.5,
-                     "a standby again for every group")
-            group, (frozen_owner, frozen) = sorted(owners(store).items())[0]
-            its_standby = standbys(store)[group]
+            # freeze a group run that has a standby until the standby has the group, then thaw
+            def with_standby() -> tuple | None:
+                now, standing_now = owners(store), standbys(store)
+                ready = sorted(g for g in now if g in standing_now and alive(now[g][1]))
+                return (ready[0], now[ready[0]], standing_now[ready[0]]) if ready else None
+
+            group, (frozen_owner, frozen), its_standby = wait_for(
+                with_standby, 150, 0.5, "a group run with a live standby")
             os.kill(frozen, signal.SIGSTOP)
             stopped_at = time.monotonic()
             try:
@@ -243,8 +247,9 @@ def test_two_machines_one_killed_one_frozen(tmp_path: Path, pg_server: PostgresS
     assert stats.pending == 0 and stats.failed == 0, stats
     assert "Traceback" not in supervise_log, supervise_log[-3000:]
     requests = sum(len(v) for v in seen.values())
-    print(f"\nmachines: standbys placed apart in {placing:.1f} s; {len(killed)} group(s) "
-          f"killed, taken over in {takeover:.1f} s; a frozen run's group taken over in "
+    print(f"\nmachines: a standby apart in {placing:.1f} s; {len(killed)} group(s) killed, "
+          f"{len(covered)} taken over by their standbys in {by_standby:.1f} s, all in "
+          f"{takeover:.1f} s; a frozen run's group taken over by its standby in "
           f"{refrozen:.1f} s; {ingest.count} fragments "
           f"over {PROFILES} profiles, {requests} requests, "
           f"{requests - len(set((p, e['headers']['X-Relay-Sequence']) for p, v in seen.items() for e in v))} "
