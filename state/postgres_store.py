@@ -102,6 +102,15 @@ FORGET_CHECK_MARGIN_MS = 60_000  # as the SQLite store: clocks of two hosts, and
 # TCP keepalives: a sender whose machine vanished loses its lock within about a minute
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
               "keepalives_count": 3}
+# A process frozen (SIGSTOP, a stalled VM) inside a transaction keeps its locks, and some
+# are the dataflow's (its row, written at each cursor advance; its lease lock): until the
+# process resumed, every shard group of the dataflow would wait, past its lease's TTL. The
+# server ends such a session after this long idle, under half a group's lease TTL (6 s),
+# so the others' renewals still get through in time.
+IDLE_IN_TRANSACTION_MS = 3_000
+# An ingest transaction parses and merges each batch between its statements (a batch of
+# very wide lines takes seconds); its ingest lock holds up only other ingests.
+INGEST_IDLE_IN_TRANSACTION_MS = 120_000
 
 # Advisory locks are (namespace, key) pairs of int4 ('RELA', 'RELB', 'RELC' in ASCII); the
 # key hashes the store's schema with what is locked, so two stores in two schemas of one
@@ -134,6 +143,8 @@ KEYS = "unnest(%(shards)s::smallint[], %(ids)s::text[]) AS k(shard, profile_id)"
 PROBE = ("SELECT " + ", ".join(f"set_config('enable_{what}', 'off', true)" for what in (
     "hashjoin", "mergejoin", "bitmapscan", "material")))
 XACT_LOCK = "SELECT pg_advisory_xact_lock(%s, %s)"
+IDLE_TIMEOUT = "SET idle_in_transaction_session_timeout = %d"
+INGEST_IDLE = f"SET LOCAL idle_in_transaction_session_timeout = {INGEST_IDLE_IN_TRANSACTION_MS}"
 XACT_LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared(%s, %s)"
 
 CURRENT_SCHEMA = "SELECT current_schema()"
@@ -533,7 +544,8 @@ class PgSendLock:
 class PostgresStore:
     """The Store on a PostgreSQL database named by a ``postgresql://`` URL."""
 
-    def __init__(self, url: str, *, pool_max: int = POOL_MAX) -> None:
+    def __init__(self, url: str, *, pool_max: int = POOL_MAX,
+                 idle_in_transaction_ms: int = IDLE_IN_TRANSACTION_MS) -> None:
         self.url = url
         self.target = redact(url)
         self.scope: ShardScope | None = None
@@ -555,9 +567,16 @@ class PostgresStore:
                 self._migrate(conn)
         except psycopg.Error as exc:
             raise StateUnavailable(self._unreachable(exc)) from None
+        self._idle_ms = idle_in_transaction_ms  # before the pool: it connects at once
         self.pool = ConnectionPool(url, min_size=1, max_size=pool_max, open=True,
                                    name="profile-relay", timeout=CONNECT_TIMEOUT_S * 3,
-                                   kwargs={"autocommit": True, **self._conn_kwargs})
+                                   kwargs={"autocommit": True, **self._conn_kwargs},
+                                   configure=self._configure)
+
+    def _configure(self, conn: Any) -> None:
+        """Session settings of every pooled connection (set here, not passed as
+        ``options``: that would replace a ``search_path`` in the URL's own ``options``)."""
+        conn.execute(IDLE_TIMEOUT % int(self._idle_ms))
 
     def _unreachable(self, exc: BaseException) -> str:
         """One line naming ``state``, with the URL redacted and any password scrubbed."""
@@ -724,6 +743,7 @@ class PostgresStore:
         next is taken from ``groups``."""
         last_seq = 0
         with self._txn(probe=True) as cur:
+            cur.execute(INGEST_IDLE)
             cur.execute(XACT_LOCK, self._lock("ingest"))
             for fragments in groups:
                 if fragments:

@@ -288,3 +288,30 @@ def test_figures_compare_with_the_sqlite_store(pg_url: str, tmp_path: Path) -> N
                         stats.delivered_per_s, stats.pending, stats.lag_changes))
         store.close()
     assert figures[0] == figures[1] == (7, 90, 360, 19.4, 0, 0)
+
+
+def test_a_process_frozen_in_a_transaction_loses_its_locks(pg_url: str) -> None:
+    """A process stopped (SIGSTOP, a stalled VM) inside a transaction would keep its row
+    locks until it resumed, and every shard group writes the dataflow's row: the server ends
+    such a session after the store's idle-in-transaction timeout, so the others go on."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, signal
+            from state.postgres_store import PostgresStore
+            store = PostgresStore({pg_url!r}, idle_in_transaction_ms=1000)
+            with store.pool.connection() as conn, conn.transaction():
+                conn.execute("SELECT version FROM schema_version WHERE version = 1 FOR UPDATE")
+                print("locked", flush=True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+        """)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    other = psycopg.connect(pg_url, autocommit=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        other.execute("SET lock_timeout = '20s'")  # without the timeout: LockNotAvailable
+        with other.transaction():  # waits for the frozen session to be ended, then locks
+            other.execute("SELECT version FROM schema_version WHERE version = 1 FOR UPDATE")
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        other.close()
