@@ -143,9 +143,9 @@ KEYS = "unnest(%(shards)s::smallint[], %(ids)s::text[]) AS k(shard, profile_id)"
 PROBE = ("SELECT " + ", ".join(f"set_config('enable_{what}', 'off', true)" for what in (
     "hashjoin", "mergejoin", "bitmapscan", "material")))
 XACT_LOCK = "SELECT pg_advisory_xact_lock(%s, %s)"
+XACT_LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared(%s, %s)"
 IDLE_TIMEOUT = "SET idle_in_transaction_session_timeout = %d"
 INGEST_IDLE = f"SET LOCAL idle_in_transaction_session_timeout = {INGEST_IDLE_IN_TRANSACTION_MS}"
-XACT_LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared(%s, %s)"
 
 CURRENT_SCHEMA = "SELECT current_schema()"
 SCHEMA_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)"

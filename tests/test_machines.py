@@ -2,10 +2,10 @@
 as written against a real Prefect server and PostgreSQL, with two Prefect workers as
 separate process groups and steady ingest. Once some group has its standby on the other
 machine than its active run, that run's machine is killed (``kill -9`` on its process
-group): such groups must be taken over by those standbys, the others by new runs. Then a group run on the other is frozen
-(SIGSTOP) until its standby has taken the group over, and thawed. Every profile's latest
-state must arrive, no profile's sequence may go backwards at the receiver, and the
-thawed run must end without another write."""
+group): such groups must be taken over by those standbys, the others by new runs. Then a
+group run on the other is frozen (SIGSTOP) until its standby has taken the group over, and
+thawed. Every profile's latest state must arrive, no profile's sequence may go backwards
+at the receiver, and the thawed run must end without another write."""
 
 from __future__ import annotations
 
