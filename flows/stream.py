@@ -169,18 +169,23 @@ async def stream_flow(config_path: str, dataflow: str | None = None, interval: f
 
 async def _other_worker_online() -> bool:
     """Whether a worker other than this run's is heartbeating in this run's work pool:
-    somewhere a standby could run apart from its group's active run."""
+    somewhere a standby could run apart from its group's active run. Only a heartbeat
+    since this run started counts: a killed machine's worker, whose last heartbeat still
+    looks recent for a while, would otherwise send every standby started after it died
+    away, again and again, leaving its group without one."""
     me, run_id = os.environ.get(WORKER_ENV), runtime.flow_run.id
     if not me or not run_id:
         return False
     try:
         async with get_client() as client:
-            pool = (await client.read_flow_run(uuid.UUID(str(run_id)))).work_pool_name
+            run = await client.read_flow_run(uuid.UUID(str(run_id)))
+            pool = run.work_pool_name
             workers = await client.read_workers_for_work_pool(pool) if pool else []
     except Exception:  # the API unreachable: stay a standby here rather than none
         return False
-    now = dt.datetime.now(dt.UTC)
+    now, since = dt.datetime.now(dt.UTC), run.start_time
     return any(w.name != me and w.last_heartbeat_time is not None
+               and (since is None or w.last_heartbeat_time > since)
                and (now - w.last_heartbeat_time).total_seconds()
                <= 2 * (w.heartbeat_interval_seconds or 30) for w in workers)
 
