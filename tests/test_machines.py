@@ -103,9 +103,14 @@ def machine_of(pid: int, workers: list[int]) -> int | None:
     return pid if pid in workers else None
 
 
-def kill_machine(worker: int, runs: list[int]) -> None:
-    """``kill -9`` on the worker's process group and on its flow runs' groups, at once."""
-    groups = {worker} | {os.getpgid(pid) for pid in runs if alive(pid)}
+def kill_machine(worker: int, workers: list[int]) -> None:
+    """``kill -9`` on the worker's process group and on the group of every process it
+    started (each flow run, active or standby, has a group of its own), at once."""
+    groups = {worker}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and machine_of(pid := int(entry.name), workers) == worker:
+            with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(pid))
     for group in groups:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
@@ -183,7 +188,7 @@ def test_two_machines_one_killed_one_frozen(tmp_path: Path, pg_server: PostgresS
             placing = time.monotonic() - placing
             survivor = next(w for w in pids if w != victim)
             killed = [g for g, (_, pid) in held.items() if machine_of(pid, pids) == victim]
-            kill_machine(victim, [held[g][1] for g in killed])
+            kill_machine(victim, pids)
             killed_at = time.monotonic()
             wait_for(lambda: all(owners(store).get(g, ("",))[0] == standing[g] for g in covered),
                      60, 0.2, "the standbys to take their groups over")
