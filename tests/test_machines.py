@@ -4,8 +4,9 @@ separate process groups and steady ingest. Once some group has its standby on th
 machine than its active run, that run's machine is killed (``kill -9`` on its process
 group): such groups must be taken over by those standbys, the others by new runs. Then a
 group run on the other is frozen (SIGSTOP) until its group has been taken over (by its
-standby, as a rule), and thawed. Every profile's latest state must arrive, no profile's sequence may go backwards
-at the receiver, and the thawed run must end without another write."""
+standby, as a rule), and thawed. Every profile's latest state must arrive, no profile's
+sequence may go backwards at the receiver, and the thawed run must end without another
+write."""
 
 from __future__ import annotations
 
@@ -202,7 +203,7 @@ def test_two_machines_one_killed_one_frozen(tmp_path: Path, pg_server: PostgresS
             takeover = time.monotonic() - killed_at
             assert all(machine_of(pid, pids) == survivor for _, pid in owners(store).values())
 
-            # freeze a group run that has a standby until the standby has the group, then
+            # freeze a group run that has a standby until its group is taken over, then
             # thaw; a standby started since the kill (one from before may yet leave, having
             # seen the killed machine's worker heartbeat since it started)
             def with_standby() -> tuple | None:
